@@ -1,0 +1,3 @@
+"""mlxtg: a local OpenAI-compatible LLM server on MLX."""
+
+__version__ = "0.1.0"

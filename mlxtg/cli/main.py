@@ -1,0 +1,241 @@
+"""The `mlxtg` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .. import __version__, paths
+from .client import ServerClient, ServerNotFound
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="mlxtg: a local OpenAI-compatible LLM server on MLX.",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mlxtg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """Serve MLX models behind one OpenAI-compatible endpoint."""
+
+
+@app.command()
+def up(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="models.yaml to serve.")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="A model path or Hugging Face id.")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Address to listen on [127.0.0.1].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on [5001].")] = None,
+    api_key: Annotated[
+        list[str] | None, typer.Option("--api-key", help="Require this Bearer key (repeatable).")
+    ] = None,
+    max_batch: Annotated[
+        int | None, typer.Option(help="Sequences decoded together per model [32].")
+    ] = None,
+    max_queued: Annotated[
+        int | None, typer.Option(help="Requests waiting per model before 429 [128].")
+    ] = None,
+    max_resident_models: Annotated[
+        int | None, typer.Option(help="Models kept loaded at once [1].")
+    ] = None,
+    cache_ram_gb: Annotated[
+        float | None, typer.Option(help="RAM prefix-cache budget per model [2].")
+    ] = None,
+    fast_blas: Annotated[
+        bool,
+        typer.Option(
+            "--fast-blas/--no-fast-blas",
+            help="Preload OpenBLAS into workers on Linux when present.",
+        ),
+    ] = True,
+) -> None:
+    """Start the server: supervisor, gateway and the first model's worker."""
+    from ..supervisor.config import ConfigError, build_settings
+
+    logging.basicConfig(
+        level=os.environ.get("MLXTG_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    overrides: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "api_keys": api_key or None,
+        "max_batch": max_batch,
+        "max_queued": max_queued,
+        "max_resident_models": max_resident_models,
+        "cache_ram_gb": cache_ram_gb,
+        "fast_blas": fast_blas,
+    }
+    try:
+        settings = build_settings(config, model, overrides)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    running = paths.read_server_info()
+    if running and _alive(running.get("pid")):
+        typer.echo(
+            f"error: mlxtg is already running from {paths.home()} (pid {running['pid']}, {running.get('url')})",
+            err=True,
+        )
+        raise typer.Exit(1)
+    if not _port_free(settings.host, settings.port):
+        typer.echo(f"error: port {settings.port} on {settings.host} is already in use", err=True)
+        raise typer.Exit(1)
+    raise typer.Exit(_serve(settings))
+
+
+def _serve(settings: Any) -> int:
+    from ..supervisor.core import Supervisor
+    from ..supervisor.processes import spawn_gateway, stop_process
+
+    sup = Supervisor(settings)
+    gateway = spawn_gateway(
+        {
+            "supervisor_endpoint": sup.gateway_endpoint,
+            "host": settings.host,
+            "port": settings.port,
+            "api_keys": settings.api_keys,
+        }
+    )
+    url = f"http://{settings.host}:{settings.port}"
+    paths.write_server_info(
+        {"pid": os.getpid(), "gateway_pid": gateway.pid, "url": url, "home": str(paths.home())}
+    )
+
+    def _stop(signum: int, _frame: Any) -> None:
+        sup.stopping = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    sup.warm_up()
+    typer.echo(
+        f"mlxtg {__version__} serving {', '.join(settings.model_names())} at {url}/v1 (home {paths.home()})"
+    )
+    code = 0
+    try:
+        while not sup.stopping:
+            sup.step()
+            if gateway.poll() is not None:
+                typer.echo(f"error: the gateway exited (code {gateway.returncode})", err=True)
+                code = 1
+                break
+    finally:
+        stop_process(gateway)
+        sup.close()
+        paths.server_file().unlink(missing_ok=True)
+    return code or sup.exit_code
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _port_free(host: str, port: int) -> bool:
+    if port == 0:
+        return True
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+UrlOpt = Annotated[
+    str | None, typer.Option("--url", help="Server URL (default: found through $MLXTG_HOME).")
+]
+PortOpt = Annotated[int | None, typer.Option("--port", help="Server port on 127.0.0.1.")]
+KeyOpt = Annotated[
+    str | None, typer.Option("--api-key", envvar="MLXTG_API_KEY", help="API key of the server.")
+]
+
+
+def _client(url: str | None, port: int | None, api_key: str | None) -> ServerClient:
+    try:
+        return ServerClient.find(url, port, api_key)
+    except ServerNotFound as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    url: UrlOpt = None,
+    port: PortOpt = None,
+    api_key: KeyOpt = None,
+) -> None:
+    """Show the gateway, the supervisor and each model's worker."""
+    data = _client(url, port, api_key).get("/admin/status")
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    from .render import print_status
+
+    print_status(data)
+
+
+@app.command()
+def evict(
+    model: Annotated[str | None, typer.Argument(help="Model to unload.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Unload every model.")] = False,
+    url: UrlOpt = None,
+    port: PortOpt = None,
+    api_key: KeyOpt = None,
+) -> None:
+    """Unload a model (or all): its worker exits once its running requests finish."""
+    if not model and not all_:
+        typer.echo("error: name a model or pass --all", err=True)
+        raise typer.Exit(2)
+    data = _client(url, port, api_key).post("/admin/evict", {"model": None if all_ else model})
+    for name, state in data.get("models", {}).items():
+        typer.echo(f"{name}: {state}")
+    if not data.get("models"):
+        typer.echo("nothing was loaded")
+
+
+@app.command()
+def load(
+    model: Annotated[str, typer.Argument(help="Configured model to load now.")],
+    url: UrlOpt = None,
+    port: PortOpt = None,
+    api_key: KeyOpt = None,
+) -> None:
+    """Pre-warm a configured model."""
+    data = _client(url, port, api_key).post("/admin/load", {"model": model})
+    typer.echo(f"{data['model']}: {data['state']}")
+
+
+def run() -> None:
+    sys.exit(app())

@@ -1,0 +1,39 @@
+"""Human-readable `mlxtg status`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+
+
+def _mb(n: Any) -> str:
+    return f"{n / 2**20:.0f} MiB" if isinstance(n, int | float) else "-"
+
+
+def _dur(s: Any) -> str:
+    if not isinstance(s, int | float):
+        return "-"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def print_status(data: dict[str, Any]) -> None:
+    sup = data.get("supervisor", {})
+    gw = data.get("gateway", {})
+    typer.echo(f"mlxtg {data.get('version')}")
+    typer.echo(f"  gateway     pid {gw.get('pid', '-')}")
+    typer.echo(f"  supervisor  pid {sup.get('pid', '-')}  up {_dur(sup.get('uptime'))}")
+    for m in data.get("models", []):
+        w = m.get("worker")
+        if not w:
+            typer.echo(f"  worker      -      model {m['name']}  {m['state']}")
+            continue
+        st = w.get("stats", {})
+        pc = st.get("prefix_cache", {})
+        typer.echo(
+            f"  worker      pid {w['pid']}  model {m['name']}  {m['state']}  rss {_mb(w.get('rss_bytes'))}"
+            f"  running {st.get('running', 0)}  queued {st.get('queued', 0)}"
+            f"  generated {st.get('tokens_generated', 0)} tok  cache hits {pc.get('hits', 0)}"
+            f"  up {_dur(w.get('uptime'))}  blas {w.get('facts', {}).get('blas', '-')}"
+        )

@@ -1,0 +1,130 @@
+"""The gateway app factory: stateless HTTP front of the supervisor."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Depends, FastAPI
+from fastapi.responses import JSONResponse, Response
+
+from .. import __version__
+from .client import SupervisorClient
+from .deps import Client, Metrics, require_key
+from .errors import BadRequest, Unavailable, install_handlers
+from .metrics import GatewayMetrics
+from .openai_routes import router as openai_router
+from .settings import GatewaySettings
+
+log = logging.getLogger("mlxtg.gateway")
+
+
+def create_app(settings: GatewaySettings) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = SupervisorClient(settings.supervisor_endpoint)
+        await client.start()
+        app.state.client = client
+        try:
+            yield
+        finally:
+            await client.close()
+
+    app = FastAPI(title="mlxtg", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = GatewayMetrics()
+    install_handlers(app)
+    app.include_router(openai_router, dependencies=[Depends(require_key)])
+    app.include_router(_admin_router(), dependencies=[Depends(require_key)])
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        """Liveness: the gateway process answers."""
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready(client: Client) -> JSONResponse:
+        """Readiness: the supervisor answers and some model is loaded."""
+        try:
+            status = (await client.control("status", timeout=2.0)).data
+        except Unavailable as exc:
+            return JSONResponse({"status": "unavailable", "reason": exc.message}, status_code=503)
+        loaded = [m["name"] for m in status["models"] if m["state"] == "loaded"]
+        if not loaded:
+            return JSONResponse({"status": "loading", "models": []}, status_code=503)
+        return JSONResponse({"status": "ready", "models": loaded})
+
+    @app.get("/metrics")
+    async def metrics(client: Client, metrics: Metrics) -> Response:
+        extra = b""
+        with contextlib.suppress(Unavailable):
+            extra = _supervisor_metrics((await client.control("status", timeout=2.0)).data)
+        return Response(metrics.render(extra), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def _admin_router() -> Any:
+    from fastapi import APIRouter
+
+    router = APIRouter()
+
+    @router.get("/v1/models")
+    async def models(client: Client) -> dict[str, Any]:
+        status = (await client.control("status")).data
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": m["name"],
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "mlxtg",
+                    "state": m["state"],
+                }
+                for m in status["models"]
+            ],
+        }
+
+    @router.get("/admin/status")
+    async def admin_status(client: Client) -> dict[str, Any]:
+        data = (await client.control("status")).data
+        import os
+
+        data["gateway"] = {"pid": os.getpid()}
+        return data
+
+    @router.post("/admin/evict")
+    async def admin_evict(client: Client, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        return _reply(await client.control("evict", {"model": (body or {}).get("model")}))
+
+    @router.post("/admin/load")
+    async def admin_load(client: Client, body: dict[str, Any]) -> dict[str, Any]:
+        if not body.get("model"):
+            raise BadRequest("model is required", param="model")
+        return _reply(await client.control("load", {"model": body["model"]}, timeout=10.0))
+
+    return router
+
+
+def _reply(reply: Any) -> dict[str, Any]:
+    if not reply.ok:
+        raise BadRequest(reply.error or "control request failed")
+    return dict(reply.data)
+
+
+def _supervisor_metrics(status: dict[str, Any]) -> bytes:
+    """Per-model gauges from the supervisor's status, in Prometheus text format."""
+    lines = []
+    for m in status.get("models", []):
+        name = m["name"]
+        lines.append(f'mlxtg_model_loaded{{model="{name}"}} {1 if m["state"] == "loaded" else 0}')
+        stats = (m.get("worker") or {}).get("stats") or {}
+        for key in ("running", "queued", "tokens_generated", "prompt_tokens_computed", "kv_bytes"):
+            if key in stats:
+                lines.append(f'mlxtg_worker_{key}{{model="{name}"}} {stats[key]}')
+    for key, value in status.get("counters", {}).items():
+        lines.append(f"mlxtg_{key}_total {value}")
+    return ("\n".join(lines) + "\n").encode() if lines else b""

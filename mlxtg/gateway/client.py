@@ -1,0 +1,128 @@
+"""The gateway's async connection to the supervisor.
+
+One DEALER socket; a reader task decodes every incoming message and hands it to the
+queue of the request it belongs to. Requests never share state, so one failing request
+cannot disturb another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from ..protocol import (
+    Abort,
+    Accepted,
+    Control,
+    ControlReply,
+    Error,
+    Generate,
+    Message,
+    Output,
+    ProtocolError,
+    decode,
+    encode,
+)
+from .errors import Unavailable
+
+log = logging.getLogger("mlxtg.gateway")
+
+
+class InFlight:
+    """One request's incoming messages; `done` once it ended (no ABORT needed)."""
+
+    __slots__ = ("request_id", "queue", "done")
+
+    def __init__(self, request_id: str, queue: asyncio.Queue[Message] | None = None):
+        self.request_id = request_id
+        self.queue: asyncio.Queue[Message] = queue if queue is not None else asyncio.Queue()
+        self.done = False
+
+
+class SupervisorClient:
+    def __init__(self, endpoint: str):
+        self._endpoint = endpoint
+        self._ctx = zmq.asyncio.Context()
+        self._sock: zmq.asyncio.Socket | None = None
+        self._queues: dict[str, asyncio.Queue[Message]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(self._endpoint)
+        self._reader = asyncio.create_task(self._read_loop())
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        if self._sock is not None:
+            self._sock.close()
+        self._ctx.term()
+
+    async def _read_loop(self) -> None:
+        assert self._sock is not None
+        while True:
+            frames = await self._sock.recv_multipart()
+            try:
+                msg = decode(frames)
+            except ProtocolError as exc:
+                log.error("malformed message from supervisor: %s", exc)
+                continue
+            if isinstance(msg, Output):
+                for delta in msg.deltas:
+                    q = self._queues.get(delta.request_id)
+                    if q is not None:
+                        q.put_nowait(delta)
+            elif isinstance(msg, Accepted | Error | ControlReply):
+                q = self._queues.get(msg.request_id)
+                if q is not None:
+                    q.put_nowait(msg)
+
+    async def _send(self, msg: Message) -> None:
+        if self._sock is None:
+            raise Unavailable("not connected to the supervisor")
+        await self._sock.send_multipart(encode(msg))
+
+    @contextlib.asynccontextmanager
+    async def generate(
+        self, msg: Generate, queue: asyncio.Queue[Message] | None = None
+    ) -> AsyncIterator[InFlight]:
+        """Send a request and yield its handle (several requests may share one queue).
+        Leaving the block before the request finished (client gone, error) sends an
+        ABORT; ABORT is idempotent."""
+        handle = InFlight(msg.request_id, queue)
+        self._queues[msg.request_id] = handle.queue
+        try:
+            await self._send(msg)
+            yield handle
+        finally:
+            self._queues.pop(msg.request_id, None)
+            if not handle.done:
+                with contextlib.suppress(Exception):
+                    await self._send(Abort(request_id=msg.request_id))
+
+    async def control(
+        self, op: str, args: dict[str, Any] | None = None, timeout: float = 5.0
+    ) -> ControlReply:
+        rid = f"ctl-{uuid.uuid4().hex}"
+        q: asyncio.Queue[Message] = asyncio.Queue()
+        self._queues[rid] = q
+        try:
+            await self._send(Control(request_id=rid, op=op, args=args or {}))
+            reply = await asyncio.wait_for(q.get(), timeout)
+        except TimeoutError:
+            raise Unavailable("the supervisor did not answer", retry_after=1.0) from None
+        finally:
+            self._queues.pop(rid, None)
+        assert isinstance(reply, ControlReply)
+        return reply

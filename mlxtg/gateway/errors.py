@@ -1,0 +1,143 @@
+"""One exception tree, mapped once to OpenAI error bodies.
+
+APIError
+├── BadRequest            400  invalid_request_error
+│   └── ContextOverflow   400  context_length_exceeded
+├── Unauthorized          401  authentication_error
+├── NotFound              404  model_not_found / not_found
+├── RateLimited           429  rate_limit_error (+ Retry-After)
+├── Unavailable           503  server_error (+ Retry-After)
+└── InternalError         500  server_error (a bug: logged with its traceback)
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("mlxtg.gateway")
+
+
+class APIError(Exception):
+    status = 500
+    type = "server_error"
+
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+class BadRequest(APIError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class ContextOverflow(BadRequest):
+    pass
+
+
+class Unauthorized(APIError):
+    status = 401
+    type = "authentication_error"
+
+
+class NotFound(APIError):
+    status = 404
+    type = "invalid_request_error"
+
+
+class RateLimited(APIError):
+    status = 429
+    type = "rate_limit_error"
+
+
+class Unavailable(APIError):
+    status = 503
+    type = "server_error"
+
+
+class InternalError(APIError):
+    status = 500
+    type = "server_error"
+
+
+_BY_STATUS: dict[int, type[APIError]] = {
+    400: BadRequest,
+    401: Unauthorized,
+    404: NotFound,
+    429: RateLimited,
+    503: Unavailable,
+    500: InternalError,
+}
+
+
+def from_status(
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    retry_after: float | None = None,
+) -> APIError:
+    """Rebuild the right exception from a worker/supervisor ERROR message."""
+    cls = _BY_STATUS.get(status, InternalError if status >= 500 else BadRequest)
+    if code == "context_length_exceeded":
+        cls = ContextOverflow
+    return cls(message, param=param, code=code, retry_after=retry_after)
+
+
+def error_body(
+    message: str, type_: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _response(exc: APIError) -> JSONResponse:
+    headers = {}
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    if exc.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return _response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        message = f"{param}: {err.get('msg')}" if param else str(err.get("msg"))
+        return _response(BadRequest(message, param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        cls = _BY_STATUS.get(exc.status_code, BadRequest)
+        err = cls(str(exc.detail))
+        err.status = exc.status_code
+        return _response(err)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return _response(InternalError(f"internal error: {type(exc).__name__}"))

@@ -1,0 +1,173 @@
+"""OpenAI wire format: response bodies, stream chunks, usage and logprobs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..protocol import Delta, LogprobEntry
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+def chat_logprobs(entries: list[LogprobEntry]) -> dict[str, Any]:
+    return {
+        "content": [
+            {
+                "token": e.token,
+                "logprob": e.logprob,
+                "bytes": e.bytes,
+                "top_logprobs": [{"token": t, "logprob": lp, "bytes": b} for t, lp, b in e.top],
+            }
+            for e in entries
+        ]
+    }
+
+
+def completion_logprobs(entries: list[LogprobEntry], offset: int) -> dict[str, Any]:
+    """The legacy completions format, plus chat-style `content` entries with bytes."""
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e.token)
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{t: lp for t, lp, _ in e.top} for e in entries],
+        "text_offset": offsets,
+        "content": chat_logprobs(entries)["content"],
+    }
+
+
+@dataclass(slots=True)
+class ChoiceAccumulator:
+    """Collects one choice's deltas for a non-streamed response."""
+
+    index: int
+    text: list[str] = field(default_factory=list)
+    logprobs: list[LogprobEntry] = field(default_factory=list)
+    tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+
+    def add(self, delta: Delta) -> None:
+        if delta.text:
+            self.text.append(delta.text)
+        if delta.logprobs:
+            self.logprobs.extend(delta.logprobs)
+        for frag in delta.tool_calls or ():
+            call = self.tool_calls.setdefault(
+                frag["index"],
+                {"id": None, "type": "function", "function": {"name": None, "arguments": ""}},
+            )
+            if frag.get("id"):
+                call["id"] = frag["id"]
+            if frag.get("name"):
+                call["function"]["name"] = frag["name"]
+            call["function"]["arguments"] += frag.get("arguments") or ""
+        if delta.finish_reason is not None:
+            self.finish_reason = delta.finish_reason
+            self.completion_tokens = delta.completion_tokens
+
+    def chat_choice(self) -> dict[str, Any]:
+        content = "".join(self.text)
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if self.tool_calls:
+            message["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+            message["content"] = content or None
+        return {
+            "index": self.index,
+            "message": message,
+            "logprobs": chat_logprobs(self.logprobs) if self.logprobs else None,
+            "finish_reason": self.finish_reason,
+        }
+
+    def completion_choice(self, echo: str = "") -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "text": echo + "".join(self.text),
+            "logprobs": completion_logprobs(self.logprobs, len(echo)) if self.logprobs else None,
+            "finish_reason": self.finish_reason,
+        }
+
+
+def chat_chunk(
+    rid: str,
+    created: int,
+    model: str,
+    index: int,
+    delta: dict[str, Any],
+    finish_reason: str | None = None,
+    logprobs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [
+            {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        ],
+    }
+
+
+def chat_delta(delta: Delta) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if delta.text:
+        out["content"] = delta.text
+    if delta.tool_calls:
+        calls = []
+        for frag in delta.tool_calls:
+            call: dict[str, Any] = {
+                "index": frag["index"],
+                "function": {"arguments": frag.get("arguments") or ""},
+            }
+            if frag.get("id"):
+                call["id"] = frag["id"]
+                call["type"] = "function"
+            if frag.get("name"):
+                call["function"]["name"] = frag["name"]
+            calls.append(call)
+        out["tool_calls"] = calls
+    return out
+
+
+def completion_chunk(
+    rid: str,
+    created: int,
+    model: str,
+    index: int,
+    text: str,
+    finish_reason: str | None = None,
+    logprobs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        ],
+    }
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    payload = (
+        data
+        if isinstance(data, str)
+        else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    )
+    return f"data: {payload}\n\n".encode()
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+SSE_KEEPALIVE = b": keep-alive\n\n"

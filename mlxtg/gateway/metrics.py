@@ -1,0 +1,47 @@
+"""Prometheus metrics of the gateway (GET /metrics), one registry per app."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "mlxtg_requests", "Generation requests by final status", ["status"], registry=r
+        )
+        self.ttft = Histogram(
+            "mlxtg_time_to_first_token_seconds",
+            "Time to first token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter("mlxtg_prompt_tokens", "Prompt tokens received", registry=r)
+        self.cached_tokens = Counter(
+            "mlxtg_cached_prompt_tokens", "Prompt tokens served from the KV cache", registry=r
+        )
+        self.generated_tokens = Counter("mlxtg_generated_tokens", "Tokens generated", registry=r)
+
+    def request_done(self, status: str) -> None:
+        self.requests.labels(status=status).inc()
+
+    def observe_run(self, run: Any, completion_tokens: int) -> None:
+        self.prompt_tokens.inc(run.prompt_tokens)
+        self.cached_tokens.inc(run.cached_tokens)
+        self.generated_tokens.inc(completion_tokens)
+        if run.first_token_at is not None:
+            self.ttft.observe(max(0.0, run.first_token_at - run.started_at))
+
+    def render(self, extra: bytes = b"") -> bytes:
+        return generate_latest(self.registry) + extra
+
+
+def now() -> float:
+    return time.monotonic()

@@ -1,0 +1,317 @@
+"""POST /v1/chat/completions and /v1/completions, streamed and not.
+
+The route builds GENERATE messages, waits (briefly) for the worker to accept them so that
+a bad request is a proper HTTP error, then either collects the deltas into one body or
+streams them as SSE. A client that disconnects aborts its request at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..protocol import Delta, Generate
+from . import format as fmt
+from .deps import Client, Metrics, Settings
+from .errors import APIError, BadRequest
+from .run import Run
+from .schemas import ChatCompletionRequest, CompletionRequest
+
+router = APIRouter(prefix="/v1")
+
+ACCEPT_WAIT_S = 2.0  # how long a stream waits for validation before sending headers
+KEEPALIVE_S = 5.0
+
+
+def _guided(body: Any) -> dict[str, Any] | None:
+    fields = body.guided_body()
+    if not fields:
+        return None
+    from ..worker.guided import GuidedError, spec_from_request
+
+    try:
+        spec = spec_from_request(fields)
+    except GuidedError as exc:
+        raise BadRequest(str(exc), param=exc.param) from exc
+    return spec.to_wire() if spec is not None else None
+
+
+@router.post("/chat/completions")
+async def chat_completions(
+    body: ChatCompletionRequest,
+    request: Request,
+    client: Client,
+    settings: Settings,
+    metrics: Metrics,
+) -> Any:
+    try:
+        messages = [m.for_template() for m in body.messages]
+    except ValueError as exc:
+        raise BadRequest(str(exc), param="messages") from exc
+    rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    gen = Generate(
+        request_id=rid,
+        model=body.model,
+        params=body.params().to_wire(),
+        messages=messages,
+        tools=body.tools if body.effective_tool_choice() not in (None, "none") else None,
+        tool_choice=body.effective_tool_choice(),
+        chat_template_kwargs=body.chat_template_kwargs,
+        n=body.n,
+        guided=_guided(body),
+        cache_key=body.cache_key,
+    )
+    run = Run(client, [gen], body.n)
+    if body.stream:
+        return await _stream(request, run, body.model, rid, body.include_usage, metrics, chat=True)
+    return await _complete(request, run, lambda acc: _chat_body(rid, body.model, run, acc), metrics)
+
+
+@router.post("/completions")
+async def completions(
+    body: CompletionRequest, request: Request, client: Client, settings: Settings, metrics: Metrics
+) -> Any:
+    if body.suffix:
+        raise BadRequest("suffix is not supported", param="suffix")
+    rid = f"cmpl-{uuid.uuid4().hex[:24]}"
+    params = body.params().to_wire()
+    guided = _guided(body)
+    gens = []
+    for p, prompt in enumerate(body.prompts()):
+        gens.append(
+            Generate(
+                request_id=f"{rid}-{p}",
+                model=body.model,
+                params=params,
+                prompt=prompt if isinstance(prompt, str) else None,
+                prompt_token_ids=prompt if isinstance(prompt, list) else None,
+                n=body.n,
+                guided=guided,
+                cache_key=body.cache_key,
+            )
+        )
+    run = Run(client, gens, body.n)
+    echoes = [p if isinstance(p, str) and body.echo else "" for p in body.prompts()]
+    if body.echo and any(not isinstance(p, str) for p in body.prompts()):
+        raise BadRequest("echo is supported for text prompts only", param="echo")
+    if body.stream:
+        return await _stream(
+            request, run, body.model, rid, body.include_usage, metrics, chat=False, echoes=echoes
+        )
+    return await _complete(
+        request,
+        run,
+        lambda acc: _completion_body(rid, body.model, run, acc, echoes, body.n),
+        metrics,
+    )
+
+
+# --- non-streamed ---------------------------------------------------------------------------
+
+
+async def _complete(
+    request: Request,
+    run: Run,
+    build: Callable[[list[fmt.ChoiceAccumulator]], dict[str, Any]],
+    metrics: Any,
+) -> JSONResponse:
+    async def collect() -> dict[str, Any]:
+        async with run:
+            await run.accept()
+            accs: dict[int, fmt.ChoiceAccumulator] = {}
+            async for index, delta in run.events():
+                accs.setdefault(index, fmt.ChoiceAccumulator(index)).add(delta)
+            return build([accs[i] for i in sorted(accs)])
+
+    task = asyncio.ensure_future(collect())
+    gone = asyncio.ensure_future(_disconnected(request))
+    done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if task not in done:  # the client left: cancelling the task aborts the request
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, APIError):
+            await task
+        metrics.request_done("aborted")
+        return JSONResponse({}, status_code=499)
+    gone.cancel()
+    try:
+        body = task.result()
+    except APIError as exc:
+        metrics.request_done(str(exc.status))
+        raise
+    metrics.observe_run(run, body["usage"]["completion_tokens"])
+    metrics.request_done("200")
+    return JSONResponse(body, headers=_cache_headers(run))
+
+
+async def _disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _cache_headers(run: Run) -> dict[str, str]:
+    facts = run.facts[0]
+    value = f"{facts.cache_source}; cached_tokens={run.cached_tokens}"
+    if facts.cache_miss_reason:
+        value += f"; miss={facts.cache_miss_reason}"
+    return {"x-mlxtg-cache": value}
+
+
+def _chat_body(rid: str, model: str, run: Run, accs: list[fmt.ChoiceAccumulator]) -> dict[str, Any]:
+    completion = sum(a.completion_tokens for a in accs)
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": run.created,
+        "model": model,
+        "choices": [a.chat_choice() for a in accs],
+        "usage": fmt.usage(run.prompt_tokens, completion, run.cached_tokens),
+    }
+
+
+def _completion_body(
+    rid: str, model: str, run: Run, accs: list[fmt.ChoiceAccumulator], echoes: list[str], n: int
+) -> dict[str, Any]:
+    completion = sum(a.completion_tokens for a in accs)
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": run.created,
+        "model": model,
+        "choices": [a.completion_choice(echoes[a.index // n]) for a in accs],
+        "usage": fmt.usage(run.prompt_tokens, completion, run.cached_tokens),
+    }
+
+
+# --- streamed -------------------------------------------------------------------------------
+
+
+async def _stream(
+    request: Request,
+    run: Run,
+    model: str,
+    rid: str,
+    include_usage: bool,
+    metrics: Any,
+    chat: bool,
+    echoes: list[str] | None = None,
+) -> StreamingResponse:
+    await run.__aenter__()
+    try:
+        accepted = await run.accept(timeout=ACCEPT_WAIT_S)
+    except BaseException:
+        await run.__aexit__(None, None, None)
+        raise
+    headers = _cache_headers(run) if accepted else {}
+    headers["Cache-Control"] = "no-cache"
+    headers["X-Accel-Buffering"] = "no"
+
+    async def body() -> AsyncIterator[bytes]:
+        completion_tokens = 0
+        status = "200"
+        try:
+            if not accepted:  # the model is loading: keep the connection alive meanwhile
+                accept_task = asyncio.ensure_future(run.accept())
+                while True:
+                    done, _ = await asyncio.wait({accept_task}, timeout=KEEPALIVE_S)
+                    if done:
+                        accept_task.result()
+                        break
+                    yield fmt.SSE_KEEPALIVE
+            started: set[int] = set()
+            async for index, delta in _with_keepalive(run.events()):
+                if delta is None:
+                    yield fmt.SSE_KEEPALIVE
+                    continue
+                completion_tokens += 1 if delta.token_ids else 0
+                for chunk in _chunks(
+                    rid, model, run.created, index, delta, chat, started, echoes, run
+                ):
+                    yield fmt.sse(chunk)
+            if include_usage:
+                yield fmt.sse(
+                    {
+                        "id": rid,
+                        "object": "chat.completion.chunk" if chat else "text_completion",
+                        "created": run.created,
+                        "model": model,
+                        "choices": [],
+                        "usage": fmt.usage(run.prompt_tokens, completion_tokens, run.cached_tokens),
+                    }
+                )
+            yield fmt.SSE_DONE
+        except APIError as exc:
+            status = str(exc.status)
+            yield fmt.sse(exc.body())
+            yield fmt.SSE_DONE
+        finally:
+            await run.__aexit__(None, None, None)  # aborts the request if it did not finish
+            metrics.observe_run(run, completion_tokens)
+            metrics.request_done(status)
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+
+
+async def _with_keepalive(
+    events: AsyncIterator[tuple[int, Delta]],
+) -> AsyncIterator[tuple[int, Delta | None]]:
+    """Yield (index, None) every KEEPALIVE_S while nothing arrives (long prefill)."""
+    it = events.__aiter__()
+    nxt = asyncio.ensure_future(it.__anext__())
+    try:
+        while True:
+            done, _ = await asyncio.wait({nxt}, timeout=KEEPALIVE_S)
+            if not done:
+                yield -1, None
+                continue
+            try:
+                item = nxt.result()
+            except StopAsyncIteration:
+                return
+            yield item
+            nxt = asyncio.ensure_future(it.__anext__())
+    finally:
+        nxt.cancel()
+
+
+def _chunks(
+    rid: str,
+    model: str,
+    created: int,
+    index: int,
+    delta: Delta,
+    chat: bool,
+    started: set[int],
+    echoes: list[str] | None,
+    run: Run,
+) -> list[dict[str, Any]]:
+    out = []
+    if chat:
+        if index not in started:
+            started.add(index)
+            out.append(
+                fmt.chat_chunk(rid, created, model, index, {"role": "assistant", "content": ""})
+            )
+        d = fmt.chat_delta(delta)
+        lp = fmt.chat_logprobs(delta.logprobs) if delta.logprobs else None
+        if d or lp or delta.finish_reason:
+            out.append(fmt.chat_chunk(rid, created, model, index, d, delta.finish_reason, lp))
+    else:
+        text = delta.text
+        if index not in started:
+            started.add(index)
+            if echoes:
+                text = echoes[index // run.n] + text
+        lp = fmt.completion_logprobs(delta.logprobs, 0) if delta.logprobs else None
+        if text or lp or delta.finish_reason:
+            out.append(
+                fmt.completion_chunk(rid, created, model, index, text, delta.finish_reason, lp)
+            )
+    return out

@@ -1,0 +1,45 @@
+"""Wire protocol between gateway, supervisor and workers (imports nothing heavy)."""
+
+from .codec import ProtocolError, decode, encode
+from .messages import (
+    Abort,
+    Accepted,
+    Config,
+    Control,
+    ControlOp,
+    ControlReply,
+    Delta,
+    Error,
+    FinishReason,
+    Generate,
+    Heartbeat,
+    Hello,
+    LogprobEntry,
+    Message,
+    MsgType,
+    Output,
+    Ready,
+)
+
+__all__ = [
+    "Abort",
+    "Accepted",
+    "Config",
+    "Control",
+    "ControlOp",
+    "ControlReply",
+    "Delta",
+    "Error",
+    "FinishReason",
+    "Generate",
+    "Heartbeat",
+    "Hello",
+    "LogprobEntry",
+    "Message",
+    "MsgType",
+    "Output",
+    "ProtocolError",
+    "Ready",
+    "decode",
+    "encode",
+]

@@ -1,0 +1,103 @@
+"""Child processes of the supervisor: one worker per resident model, and the gateway."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from ..models import ModelSpec
+from ..worker.blas import find_fast_blas
+
+log = logging.getLogger("mlxtg.supervisor")
+
+
+class WorkerState(StrEnum):
+    STARTING = "starting"  # process spawned, no HELLO yet
+    LOADING = "loading"  # CONFIG sent, loading weights
+    READY = "ready"
+    DRAINING = "draining"  # evicting: no new requests, exits when idle
+    STOPPED = "stopped"
+
+
+@dataclass(slots=True)
+class WorkerHandle:
+    worker_id: str
+    spec: ModelSpec
+    proc: subprocess.Popen[bytes]
+    state: WorkerState = WorkerState.STARTING
+    spawned_at: float = field(default_factory=time.time)
+    ready_at: float | None = None
+    facts: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+    last_heartbeat: float = field(default_factory=time.monotonic)
+    inflight: set[str] = field(default_factory=set)
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def idle(self) -> bool:
+        return not self.inflight
+
+    def describe(self) -> dict[str, Any]:
+        rss = None
+        try:
+            import psutil
+
+            rss = psutil.Process(self.proc.pid).memory_info().rss
+        except Exception:  # the process may be gone already
+            pass
+        return {
+            "model": self.name,
+            "worker_id": self.worker_id,
+            "pid": self.proc.pid,
+            "state": str(self.state),
+            "rss_bytes": rss,
+            "inflight": len(self.inflight),
+            "uptime": time.time() - self.spawned_at,
+            "facts": self.facts,
+            "stats": self.stats,
+        }
+
+
+def spawn_worker(spec: ModelSpec, worker_id: str, endpoint: str, fast_blas: bool) -> WorkerHandle:
+    env = dict(os.environ)
+    blas = find_fast_blas() if fast_blas else None
+    if blas:
+        env["LD_PRELOAD"] = ":".join(p for p in (blas, env.get("LD_PRELOAD")) if p)
+    cmd = [sys.executable, "-m", "mlxtg.worker", "--endpoint", endpoint, "--worker-id", worker_id]
+    proc = subprocess.Popen(cmd, env=env)
+    log.info("spawned worker %s (pid %d) for model %s", worker_id, proc.pid, spec.name)
+    return WorkerHandle(worker_id=worker_id, spec=spec, proc=proc)
+
+
+def spawn_gateway(config: dict[str, Any]) -> subprocess.Popen[bytes]:
+    """The gateway reads its settings (API keys included) from the environment, so
+    keys never show up in `ps`."""
+    env = dict(os.environ)
+    env["MLXTG_GATEWAY_CONFIG"] = json.dumps(config)
+    return subprocess.Popen([sys.executable, "-m", "mlxtg.gateway"], env=env)
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> int | None:
+    """SIGTERM, wait, then SIGKILL: no orphans."""
+    if proc.poll() is not None:
+        return proc.returncode
+    try:
+        proc.send_signal(signal.SIGTERM)
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(timeout=timeout)
+    except ProcessLookupError:
+        return proc.poll()

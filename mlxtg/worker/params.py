@@ -1,0 +1,116 @@
+"""Per-request sampling parameters, as the worker sees them.
+
+The gateway validates types and ranges with pydantic; this record is what travels on the
+wire (`to_wire` / `from_wire`) and what the sampler reads. Checks that need the model
+(vocabulary size, context length) happen in the worker (`validate_against`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class RequestError(ValueError):
+    """A request the worker refuses; mapped to an OpenAI error with `status`."""
+
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        status: int = 400,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+        retry_after: float | None = None,
+    ):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.status = status
+        self.code = code
+        self.type = type
+        self.retry_after = retry_after
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = disabled
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    max_tokens: int | None = None  # None = up to the context length
+    logprobs: bool = False
+    top_logprobs: int = 0
+    ignore_eos: bool = False
+    # Echo the prompt in /v1/completions is handled by the gateway; nothing here.
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+    @property
+    def needs_filtering(self) -> bool:
+        return not self.greedy and (self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0)
+
+    @property
+    def needs_penalties(self) -> bool:
+        return (
+            self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.repetition_penalty != 1.0
+        )
+
+    def to_wire(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["logit_bias"] = {int(k): float(v) for k, v in self.logit_bias.items()}
+        return d
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> SamplingParams:
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        if "logit_bias" in kwargs:
+            kwargs["logit_bias"] = {int(k): float(v) for k, v in kwargs["logit_bias"].items()}
+        return cls(**kwargs)
+
+    def validate_against(self, vocab_size: int) -> None:
+        """Checks that need the model: token ids in `logit_bias` must exist."""
+        for token_id in self.logit_bias:
+            if not 0 <= token_id < vocab_size:
+                raise RequestError(
+                    f"logit_bias token id {token_id} is outside the vocabulary (0..{vocab_size - 1})",
+                    param="logit_bias",
+                )
+
+
+def resolve_max_tokens(
+    params: SamplingParams, prompt_tokens: int, context_length: int, param: str = "max_tokens"
+) -> int:
+    """How many tokens a request may generate; a 400 that states both numbers on overflow."""
+    room = context_length - prompt_tokens
+    if params.max_tokens is None:
+        if room <= 0:
+            raise RequestError(
+                f"This model's maximum context length is {context_length} tokens, but the "
+                f"prompt has {prompt_tokens} tokens, leaving no room to generate.",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        return room
+    if prompt_tokens + params.max_tokens > context_length:
+        raise RequestError(
+            f"This model's maximum context length is {context_length} tokens. However, you "
+            f"requested {prompt_tokens + params.max_tokens} tokens ({prompt_tokens} in the "
+            f"prompt, {params.max_tokens} for the completion). Please reduce the prompt or "
+            f"{param}.",
+            param=param,
+            code="context_length_exceeded",
+        )
+    return params.max_tokens

@@ -1,0 +1,134 @@
+"""Hot prefix cache in RAM: finished sequences' KV caches, reused by longest prefix.
+
+A new request starts from the longest stored prefix of its tokens and prefills only the
+rest. Storing a conversation that extends a stored one replaces it (the new one covers
+it); any other stored entry is kept, so agents alternating long prompts keep both.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(slots=True)
+class Hit:
+    tokens: int  # how many leading prompt tokens the returned cache holds
+    cache: list[Any] | None
+    source: str  # "ram" | "none"
+    miss_reason: str | None = None
+
+
+@dataclass(slots=True)
+class _Entry:
+    tokens: np.ndarray
+    cache: list[Any]
+    nbytes: int
+    hits: int = 0
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.nonzero(a[:n] != b[:n])[0]
+    return int(diff[0]) if len(diff) else n
+
+
+def _trimmable(cache: list[Any]) -> bool:
+    from mlx_lm.models.cache import KVCache
+
+    return all(type(c) is KVCache for c in cache)
+
+
+def _slice(cache: list[Any], n: int) -> list[Any]:
+    """A copy of the first n positions that later appends cannot alter."""
+    from mlx_lm.models.cache import KVCache
+
+    out = []
+    for c in cache:
+        k = KVCache()
+        k.keys = c.keys[..., :n, :]
+        k.values = c.values[..., :n, :]
+        k.offset = n
+        out.append(k)
+    return out
+
+
+class RamPrefixCache:
+    """LRU of KV caches within a byte budget and an entry count."""
+
+    def __init__(self, max_bytes: int, max_entries: int = 64, min_tokens: int = 16):
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self.min_tokens = min_tokens
+        self._entries: OrderedDict[int, _Entry] = OrderedDict()
+        self._next_id = 0
+        self.nbytes = 0
+        self.stats = {"hits": 0, "misses": 0, "hit_tokens": 0, "stored": 0, "evicted": 0}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, tokens: list[int]) -> Hit:
+        """The longest usable cached prefix of `tokens` (always leaving >= 1 token to
+        prefill, so the last position's logits get computed)."""
+        if not self._entries or self.max_bytes <= 0:
+            self.stats["misses"] += 1
+            return Hit(0, None, "none", "empty" if self.max_bytes > 0 else "disabled")
+        query = np.asarray(tokens, dtype=np.int64)
+        best_id, best = -1, 0
+        for eid, entry in self._entries.items():
+            n = _common_prefix(query, entry.tokens)
+            if n > best:
+                best_id, best = eid, n
+        best = min(best, len(tokens) - 1)
+        if best_id < 0 or best <= 0:
+            self.stats["misses"] += 1
+            return Hit(0, None, "none", "no_match")
+        if best < self.min_tokens:
+            self.stats["misses"] += 1
+            return Hit(0, None, "none", "below_minimum")
+        entry = self._entries[best_id]
+        self._entries.move_to_end(best_id)
+        entry.hits += 1
+        self.stats["hits"] += 1
+        self.stats["hit_tokens"] += best
+        return Hit(best, _slice(entry.cache, best), "ram")
+
+    def store(self, tokens: list[int], cache: list[Any]) -> None:
+        """Keep a batch-1 cache holding exactly `tokens`."""
+        if len(tokens) < self.min_tokens or self.max_bytes <= 0 or not _trimmable(cache):
+            return
+        arr = np.asarray(tokens, dtype=np.int64)
+        for eid, entry in list(self._entries.items()):
+            if len(entry.tokens) <= len(arr) and _common_prefix(entry.tokens, arr) == len(
+                entry.tokens
+            ):
+                self._drop(eid)  # the new entry covers it
+            elif _common_prefix(entry.tokens, arr) == len(arr):
+                self._entries.move_to_end(eid)  # already covered by a longer entry
+                return
+        nbytes = sum(c.nbytes for c in cache)
+        if nbytes > self.max_bytes:
+            return
+        self._entries[self._next_id] = _Entry(arr, cache, nbytes)
+        self._next_id += 1
+        self.nbytes += nbytes
+        self.stats["stored"] += 1
+        while self._entries and (
+            self.nbytes > self.max_bytes or len(self._entries) > self.max_entries
+        ):
+            self._drop(next(iter(self._entries)))
+            self.stats["evicted"] += 1
+
+    def _drop(self, eid: int) -> None:
+        entry = self._entries.pop(eid)
+        self.nbytes -= entry.nbytes
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.nbytes = 0

@@ -1,0 +1,136 @@
+"""Generate message -> validated, tokenised Request (runs on the worker's I/O thread, so
+chat templating, tokenisation and constraint compilation overlap the forward pass).
+
+Everything a request can get wrong is found here and raised as RequestError (-> HTTP 400),
+before the request is queued: nothing past this point fails because of user input.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+from ..protocol import Generate
+from .loader import LoadedModel
+from .params import RequestError, SamplingParams, resolve_max_tokens
+from .scheduler import Request
+from .sequence import RequestPayload
+
+
+class Preprocessor:
+    def __init__(self, loaded: LoadedModel, guided: Any = None):
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.guided = guided  # GuidedCompiler or None
+        self.tool_format = loaded.spec.tool_parser or _detect_tool_format(loaded.tokenizer)
+
+    def __call__(self, msg: Generate) -> Request:
+        if msg.n < 1:
+            raise RequestError("n must be at least 1", param="n")
+        try:
+            params = SamplingParams.from_wire(msg.params)
+        except (TypeError, ValueError) as exc:
+            raise RequestError(f"invalid sampling parameters: {exc}") from exc
+        params.validate_against(self.loaded.vocab_size)
+
+        tools_active = bool(msg.tools) and msg.tool_choice != "none"
+        prompt, param = self._prompt(msg, tools_active)
+        if not prompt:
+            raise RequestError("the prompt is empty", param=param)
+        max_tokens = resolve_max_tokens(params, len(prompt), self.loaded.context_length)
+
+        guide_spec = self._guide(msg, tools_active)
+        parser_factory = None
+        if tools_active:
+            from .tool_calls import make_parser
+
+            parser_factory = partial(make_parser, self.tool_format, msg.tools or [])
+        payload = RequestPayload(
+            params=params,
+            max_tokens=max_tokens,
+            guide_spec=guide_spec,
+            parser_factory=parser_factory,
+        )
+        return Request(request_id=msg.request_id, prompt=prompt, n=msg.n, payload=payload)
+
+    # --- prompt ----------------------------------------------------------------------------
+
+    def _prompt(self, msg: Generate, tools_active: bool) -> tuple[list[int], str]:
+        if msg.messages is not None:
+            return self._chat_prompt(msg, tools_active), "messages"
+        if msg.prompt_token_ids is not None:
+            vocab = self.loaded.vocab_size
+            bad = [t for t in msg.prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+            if bad:
+                raise RequestError(
+                    f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
+                    param="prompt",
+                )
+            return list(msg.prompt_token_ids), "prompt"
+        text = msg.prompt or ""
+        return list(self.tokenizer.encode(text)), "prompt"
+
+    def _chat_prompt(self, msg: Generate, tools_active: bool) -> list[int]:
+        if not msg.messages:
+            raise RequestError("messages must not be empty", param="messages")
+        if self.tokenizer.chat_template is None:
+            raise RequestError(
+                f"model {self.loaded.spec.name!r} has no chat template; use /v1/completions",
+                param="messages",
+            )
+        kwargs = dict(msg.chat_template_kwargs or {})
+        try:
+            text = self.tokenizer.apply_chat_template(
+                msg.messages,
+                tools=msg.tools if tools_active else None,
+                add_generation_prompt=True,
+                tokenize=False,
+                **kwargs,
+            )
+        except Exception as exc:  # jinja raises arbitrary errors for unsupported input
+            raise RequestError(
+                f"the chat template could not render these messages: {exc}", param="messages"
+            ) from exc
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    # --- constraints -----------------------------------------------------------------------
+
+    def _guide(self, msg: Generate, tools_active: bool) -> Any:
+        spec = None
+        if tools_active and _forces_call(msg.tool_choice):
+            from .guided import GuidedSpec
+            from .tool_grammar import tool_call_grammar
+
+            try:
+                lark = tool_call_grammar(msg.tools or [], msg.tool_choice, self.tool_format)
+            except ValueError as exc:
+                raise RequestError(str(exc), param="tool_choice") from exc
+            spec = GuidedSpec(kind="grammar", value=lark, param="tool_choice")
+        elif msg.guided is not None:
+            from .guided import GuidedSpec
+
+            spec = GuidedSpec.from_wire(msg.guided)
+        if spec is None:
+            return None
+        if self.guided is None:
+            raise RequestError("guided decoding is not available in this worker", param=spec.param)
+        from .guided import GuidedError
+
+        try:
+            self.guided.validate(spec)
+        except GuidedError as exc:
+            raise RequestError(str(exc), param=exc.param) from exc
+        return spec
+
+
+def _forces_call(tool_choice: Any) -> bool:
+    return tool_choice == "required" or isinstance(tool_choice, dict)
+
+
+def _detect_tool_format(tokenizer: Any) -> str:
+    try:
+        from .tool_calls import detect_format
+
+        return str(detect_format(tokenizer.chat_template, tokenizer.get_vocab()))
+    except ImportError:
+        return "hermes"

@@ -1,0 +1,123 @@
+"""One generated choice: its sampler state, text stream, tool-call parser, and the rules
+that decide when it ends. `advance` turns one sampled token into one protocol Delta."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..protocol import Delta, FinishReason, LogprobEntry
+from .sampler import RowState
+from .text import TextStream, TokenBytes
+
+
+@dataclass(slots=True)
+class RequestPayload:
+    """Everything about a request besides its prompt, built by `preprocess`."""
+
+    params: Any  # SamplingParams
+    max_tokens: int
+    guide_spec: Any = None  # GuidedSpec or None
+    parser_factory: Any = None  # () -> ToolCallParser, when tool calls are parsed
+    cached_tokens: int = 0
+
+
+@dataclass(slots=True)
+class Sequence:
+    request_id: str
+    index: int
+    prompt: list[int]
+    row: RowState
+    text: TextStream
+    max_tokens: int
+    eos_ids: frozenset[int]
+    parser: Any = None  # ToolCallParser or None
+    output: list[int] = field(default_factory=list)
+    last_token: int = -1
+    finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def advance(self, token: int, logprobs: LogprobEntry | None) -> Delta:
+        """Account for one sampled token and say what the client sees."""
+        self.last_token = token
+        self.output.append(token)
+        params = self.row.params
+        guide = self.row.guide
+        text = ""
+        reason: str | None = None
+
+        # 1. End of sequence token: stops, emits no text.
+        if token in self.eos_ids and not params.ignore_eos:
+            reason = FinishReason.STOP
+        else:
+            if guide is not None:
+                try:
+                    guide.consume(token)
+                except ValueError:
+                    reason = FinishReason.ERROR
+                if reason is None and guide.is_finished():
+                    reason = FinishReason.STOP
+            # 2. Text, with stop strings held back and cut.
+            text = self.text.push(token)
+            if self.text.stopped:
+                reason = FinishReason.STOP
+        # 3. Length.
+        if reason is None and len(self.output) >= self.max_tokens:
+            reason = FinishReason.LENGTH
+        if reason is not None and not self.text.stopped:
+            text += self.text.finish()
+        return self._delta(token, text, reason, logprobs)
+
+    def abort(self) -> Delta:
+        return self._finish_delta(FinishReason.ABORT)
+
+    def _finish_delta(self, reason: str) -> Delta:
+        self.finish_reason = reason
+        return Delta(
+            request_id=self.request_id,
+            index=self.index,
+            finish_reason=reason,
+            completion_tokens=len(self.output),
+        )
+
+    def _delta(
+        self, token: int, text: str, reason: str | None, logprobs: LogprobEntry | None
+    ) -> Delta:
+        tool_calls = None
+        if self.parser is not None:
+            parsed = self.parser.feed(text) if text else None
+            content = parsed.content if parsed else ""
+            calls = list(parsed.tool_calls) if parsed else []
+            if reason is not None:
+                tail = self.parser.finish()
+                content += tail.content
+                calls += tail.tool_calls
+                if self.parser.called and reason == FinishReason.STOP:
+                    reason = FinishReason.TOOL_CALLS
+            text = content
+            tool_calls = [c.to_wire() for c in calls] or None
+        self.finish_reason = reason
+        return Delta(
+            request_id=self.request_id,
+            index=self.index,
+            text=text,
+            token_ids=[token],
+            logprobs=[logprobs] if logprobs is not None else None,
+            tool_calls=tool_calls,
+            finish_reason=reason,
+            completion_tokens=len(self.output),
+        )
+
+
+def logprob_entry(
+    token_bytes: TokenBytes, token: int, logprob: float, top: list[tuple[int, float]]
+) -> LogprobEntry:
+    text, raw = token_bytes(token)
+    alts = []
+    for tid, lp in top:
+        t, b = token_bytes(tid)
+        alts.append((t, lp, b))
+    return LogprobEntry(token=text, logprob=logprob, bytes=raw, top=alts)

@@ -1,0 +1,25 @@
+"""Engine settings a worker receives in its CONFIG message."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(slots=True)
+class EngineSettings:
+    max_batch: int = 32  # sequences decoded together
+    max_queued: int = 128  # requests waiting for prefill before 429
+    prefill_chunk: int = 512  # prompt tokens per step, so long prompts never stall streams
+    cache_ram_bytes: int = 2 << 30  # hot prefix cache budget
+    cache_min_tokens: int = 16  # shorter matches are not worth reusing
+    heartbeat_s: float = 1.0
+
+    def to_wire(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> EngineSettings:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})

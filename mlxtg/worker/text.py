@@ -1,0 +1,114 @@
+"""Streaming text out of token ids: incremental detokenisation, stop strings, token bytes.
+
+mlx-lm's streaming detokenizers already hold back incomplete UTF-8 sequences; on top of
+that `TextStream` holds back any tail that could still become a stop string, so a stop
+string is never emitted, and cuts the text where one appears.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+
+class TextStream:
+    """Detokenises one sequence token by token and applies its stop strings."""
+
+    __slots__ = ("_detok", "_stops", "_pending", "stopped")
+
+    def __init__(self, detokenizer: Any, stops: list[str]):
+        self._detok = detokenizer
+        self._stops = [s for s in stops if s]
+        self._pending = ""
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """Add one token; return the text that is now safe to emit."""
+        self._detok.add_token(token)
+        self._pending += self._detok.last_segment
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """End of generation: flush everything that is left (minus a stop string)."""
+        self._detok.finalize()
+        self._pending += self._detok.last_segment
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        text = self._pending
+        if not self._stops or not text:
+            self._pending = ""
+            return text
+        cut = min((i for i in (text.find(s) for s in self._stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self._pending = ""
+            self.stopped = True
+            return text[:cut]
+        hold = 0 if final else _longest_stop_prefix_suffix(text, self._stops)
+        self._pending = text[len(text) - hold :] if hold else ""
+        return text[: len(text) - hold]
+
+
+def _longest_stop_prefix_suffix(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of some stop string."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:n]):
+                best = n
+                break
+    return best
+
+
+@lru_cache(maxsize=1)
+def _byte_level_decoder() -> dict[str, int]:
+    """Inverse of the GPT-2 byte-to-unicode table used by byte-level BPE vocabularies."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+class TokenBytes:
+    """Raw bytes and display text of single tokens, for `logprobs` entries."""
+
+    def __init__(self, hf_tokenizer: Any):
+        self._tok = hf_tokenizer
+        self._pieces: list[str | None] = hf_tokenizer.convert_ids_to_tokens(
+            list(range(len(hf_tokenizer)))
+        )
+        decoder = getattr(getattr(hf_tokenizer, "backend_tokenizer", None), "decoder", None)
+        self._byte_level = "ByteLevel" in type(decoder).__name__ or "ByteLevel" in repr(decoder)
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        hit = self._cache.get(token_id)
+        if hit is None:
+            raw = self._bytes(token_id)
+            hit = (raw.decode("utf-8", errors="replace"), list(raw))
+            self._cache[token_id] = hit
+        return hit
+
+    def _bytes(self, token_id: int) -> bytes:
+        piece = self._pieces[token_id] if token_id < len(self._pieces) else None
+        if piece is None:
+            return b""
+        if self._byte_level:
+            table = _byte_level_decoder()
+            if all(c in table for c in piece):
+                return bytes(table[c] for c in piece)
+            return piece.encode("utf-8")  # an added token such as <|im_end|>
+        if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
+            return bytes([int(piece[3:5], 16)])  # SentencePiece byte fallback
+        if piece.startswith("▁"):
+            return (" " + piece[1:]).encode("utf-8")
+        return str(self._tok.decode([token_id])).encode("utf-8")

@@ -1,0 +1,63 @@
+import random
+
+from mlxtg.worker.text import TextStream
+
+
+class FakeDetok:
+    """Emits each token's text immediately (mlx-lm's detokenizers hold back partial UTF-8)."""
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+        self.text = ""
+        self.offset = 0
+
+    def add_token(self, t):
+        self.text += self.pieces[t]
+
+    def finalize(self):
+        pass
+
+    @property
+    def last_segment(self):
+        seg = self.text[self.offset :]
+        self.offset = len(self.text)
+        return seg
+
+
+def stream(pieces, stops):
+    ts = TextStream(FakeDetok(pieces), stops)
+    out = []
+    for t in range(len(pieces)):
+        out.append(ts.push(t))
+        if ts.stopped:
+            return "".join(out), True
+    out.append(ts.finish())
+    return "".join(out), False
+
+
+def test_stop_string_is_never_emitted():
+    text, stopped = stream(["Hel", "lo wo", "rld", "!"], ["o w"])
+    assert (text, stopped) == ("Hell", True)
+
+
+def test_stop_string_split_over_many_tokens():
+    text, stopped = stream(list("abcSTOPdef"), ["STOP"])
+    assert (text, stopped) == ("abc", True)
+
+
+def test_partial_stop_prefix_is_released_at_the_end():
+    text, stopped = stream(["abc", "ST"], ["STOP"])
+    assert (text, stopped) == ("abcST", False)
+
+
+def test_random_splits_match_reference():
+    rng = random.Random(0)
+    for _ in range(200):
+        s = "".join(rng.choice("ab c\n") for _ in range(30))
+        stop = "".join(rng.choice("ab c") for _ in range(rng.randint(1, 3)))
+        cuts = sorted(rng.sample(range(1, len(s)), 8))
+        pieces = [s[i:j] for i, j in zip([0, *cuts], [*cuts, len(s)], strict=True)]
+        text, stopped = stream(pieces, [stop])
+        i = s.find(stop)
+        assert text == (s[:i] if i >= 0 else s)
+        assert stopped == (i >= 0)
