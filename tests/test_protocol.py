@@ -26,7 +26,13 @@ from mlxtg.protocol import (
     [
         Hello(worker_id="w1", pid=42),
         Ready(worker_id="w1", model="m", context_length=2048, fingerprint="ab", vocab_size=10),
-        Generate(request_id="r", model="m", params={"temperature": 0.0}, messages=[{"role": "user", "content": "hi"}], n=2),
+        Generate(
+            request_id="r",
+            model="m",
+            params={"temperature": 0.0},
+            messages=[{"role": "user", "content": "hi"}],
+            n=2,
+        ),
         Generate(request_id="r", model="m", params={}, prompt_token_ids=[1, 2, 3]),
         Accepted(request_id="r", prompt_tokens=12, cached_tokens=8, cache_source="ram"),
         Error(request_id="r", status=429, message="full", retry_after=1.0),

@@ -24,11 +24,51 @@ ARCHS: dict[str, dict[str, Any]] = {
 
 
 def _corpus() -> list[str]:
-    words = (
-        "the quick brown fox jumps over a lazy dog while weather in oslo paris lima is sunny "
-        "cold warm rain snow json schema number string object array true false null hello "
-        "world model server token cache batch stream answer question tool call function"
-    ).split()
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "a",
+        "lazy",
+        "dog",
+        "while",
+        "weather",
+        "in",
+        "oslo",
+        "paris",
+        "lima",
+        "is",
+        "sunny",
+        "cold",
+        "warm",
+        "rain",
+        "snow",
+        "json",
+        "schema",
+        "number",
+        "string",
+        "object",
+        "array",
+        "true",
+        "false",
+        "null",
+        "hello",
+        "world",
+        "model",
+        "server",
+        "token",
+        "cache",
+        "batch",
+        "stream",
+        "answer",
+        "question",
+        "tool",
+        "call",
+        "function",
+    ]
     lines = []
     for i in range(2000):
         lines.append(" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(12)))
@@ -66,7 +106,14 @@ def build_tokenizer(out: Path, vocab_size: int = 1024) -> None:
     )
 
 
-def build_model(out: Path, arch: str = "llama", seed: int = 0, vocab_size: int = 1024, hidden: int = 64, layers: int = 2) -> Path:
+def build_model(
+    out: Path,
+    arch: str = "llama",
+    seed: int = 0,
+    vocab_size: int = 1024,
+    hidden: int = 64,
+    layers: int = 2,
+) -> Path:
     """Write a random-weight model of `arch` (see ARCHS) into `out`; returns `out`."""
     import mlx.core as mx
     from mlx.utils import tree_flatten

@@ -76,7 +76,8 @@ def spawn_worker(spec: ModelSpec, worker_id: str, endpoint: str, fast_blas: bool
     if blas:
         env["LD_PRELOAD"] = ":".join(p for p in (blas, env.get("LD_PRELOAD")) if p)
     cmd = [sys.executable, "-m", "mlxtg.worker", "--endpoint", endpoint, "--worker-id", worker_id]
-    proc = subprocess.Popen(cmd, env=env)
+    # Own session: a Ctrl-C in the terminal reaches the supervisor only, which stops us.
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     log.info("spawned worker %s (pid %d) for model %s", worker_id, proc.pid, spec.name)
     return WorkerHandle(worker_id=worker_id, spec=spec, proc=proc)
 
@@ -86,7 +87,7 @@ def spawn_gateway(config: dict[str, Any]) -> subprocess.Popen[bytes]:
     keys never show up in `ps`."""
     env = dict(os.environ)
     env["MLXTG_GATEWAY_CONFIG"] = json.dumps(config)
-    return subprocess.Popen([sys.executable, "-m", "mlxtg.gateway"], env=env)
+    return subprocess.Popen([sys.executable, "-m", "mlxtg.gateway"], env=env, start_new_session=True)
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> int | None:

@@ -1,0 +1,260 @@
+"""End-to-end: the real `mlxtg up` driven by the official openai client."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import openai
+import pytest
+from conftest import API_KEY, Server
+
+pytestmark = pytest.mark.slow
+
+MODEL = "mlxtg-demo"
+HELLO = [{"role": "user", "content": "Hello! How are you today?"}]
+
+
+def test_models_health_ready(server: Server, client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert models.data[0].model_extra["state"] == "loaded"
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{server.url}/ready").json()["status"] == "ready"
+
+
+def test_chat_stream_equals_non_stream(client):
+    kw = dict(model=MODEL, messages=HELLO, max_tokens=24, temperature=0)
+    full = client.chat.completions.create(**kw)
+    choice = full.choices[0]
+    assert choice.finish_reason in ("stop", "length")
+    assert choice.message.role == "assistant"
+    assert full.usage.prompt_tokens > 0
+    assert full.usage.completion_tokens <= 24
+    assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+    chunks = list(
+        client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
+
+
+async def test_async_client_stream_and_concurrency(aclient):
+    async def one(i: int) -> str:
+        stream = await aclient.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": f"Count to {i}."}],
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+        )
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    texts = await asyncio.gather(*(one(i) for i in range(6)))
+    assert len(texts) == 6
+
+
+def test_completions_prompt_list_n_and_token_ids(client):
+    r = client.completions.create(
+        model=MODEL, prompt=["Once upon", "The weather"], n=2, max_tokens=5, temperature=0.8, seed=3
+    )
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    tok = client.completions.create(model=MODEL, prompt=[5, 6, 7, 8], max_tokens=3, temperature=0)
+    assert tok.usage.prompt_tokens == 4
+    echo = client.completions.create(
+        model=MODEL, prompt="Hello", max_tokens=3, temperature=0, echo=True
+    )
+    assert echo.choices[0].text.startswith("Hello")
+
+
+def test_completions_stream_interleaves_choices_by_index(client):
+    chunks = list(
+        client.completions.create(
+            model=MODEL, prompt=["a", "b"], n=2, max_tokens=4, temperature=1.0, stream=True
+        )
+    )
+    indices = {c.choices[0].index for c in chunks if c.choices}
+    assert indices == {0, 1, 2, 3}
+
+
+def test_stop_strings_are_not_emitted(client):
+    base = client.completions.create(model=MODEL, prompt="The", max_tokens=30, temperature=0)
+    text = base.choices[0].text
+    if len(text) < 6:
+        pytest.skip("model produced too little text to pick a stop string")
+    stop = text[3:6]
+    cut = client.completions.create(
+        model=MODEL, prompt="The", max_tokens=30, temperature=0, stop=[stop]
+    )
+    assert cut.choices[0].text == text[: text.find(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model=MODEL, prompt="The", max_tokens=30, temperature=0, stop=[stop], stream=True
+        )
+    )
+    assert streamed == cut.choices[0].text
+
+
+def test_logprobs_chat_and_completions_including_streams(client):
+    r = client.chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=5, temperature=0, logprobs=True, top_logprobs=3
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for entry in content:
+        assert entry.logprob <= 0
+        assert isinstance(entry.bytes, list)
+        assert len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[-1].logprob
+        assert entry.top_logprobs[0].token == entry.token  # greedy picks the most likely
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=HELLO,
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        stream=True,
+    )
+    streamed = [
+        e
+        for c in stream
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
+    assert [e.token for e in streamed] == [e.token for e in content]
+    comp = client.completions.create(
+        model=MODEL, prompt="Hi", max_tokens=4, temperature=0, logprobs=2
+    )
+    assert len(comp.choices[0].logprobs.tokens) == 4
+    assert all(len(t) == 2 for t in comp.choices[0].logprobs.top_logprobs)
+    cs = client.completions.create(
+        model=MODEL, prompt="Hi", max_tokens=4, temperature=0, logprobs=2, stream=True
+    )
+    assert (
+        sum(len(c.choices[0].logprobs.tokens) for c in cs if c.choices and c.choices[0].logprobs)
+        == 4
+    )
+
+
+def test_seed_reproducible_and_penalties_bias_accepted(client):
+    kw = dict(
+        model=MODEL,
+        messages=HELLO,
+        max_tokens=12,
+        temperature=1.0,
+        top_p=0.9,
+        seed=1234,
+        extra_body={"top_k": 50, "min_p": 0.01},
+    )
+    a = client.chat.completions.create(**kw).choices[0].message.content
+    b = client.chat.completions.create(**kw).choices[0].message.content
+    assert a == b
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=HELLO,
+        max_tokens=8,
+        temperature=0,
+        presence_penalty=1.0,
+        frequency_penalty=0.5,
+        extra_body={"repetition_penalty": 1.2},
+        logit_bias={"5": 100},
+    )
+    # A +100 bias makes token 5 the greedy choice at every step.
+    assert r.usage.completion_tokens == 8
+
+
+@pytest.mark.parametrize(
+    "kwargs,status,param",
+    [
+        (dict(temperature=5), 400, "temperature"),
+        (dict(max_tokens=10**6), 400, "max_tokens"),
+        (dict(logit_bias={"999999": 1}), 400, "logit_bias"),
+        (dict(model="nope"), 404, "model"),
+        (dict(n=0), 400, "n"),
+        (dict(top_logprobs=3), 400, None),
+    ],
+)
+def test_bad_requests_get_openai_errors(client, kwargs, status, param):
+    args = dict(model=MODEL, messages=HELLO, max_tokens=4) | kwargs
+    with pytest.raises(openai.APIStatusError) as exc:
+        client.chat.completions.create(**args)
+    assert exc.value.status_code == status
+    err = exc.value.body
+    assert set(err) >= {"message", "type", "param", "code"}
+    if param:
+        assert err["param"] == param
+
+
+def test_context_overflow_names_both_numbers(client, server: Server):
+    status = server.status()
+    ctx = status["models"][0]["worker"]["facts"]["context_length"]
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=ctx)
+    msg = exc.value.body["message"]
+    assert str(ctx) in msg and "prompt" in msg
+    assert exc.value.body["code"] == "context_length_exceeded"
+
+
+def test_auth_required(server: Server):
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={"model": MODEL, "messages": HELLO})
+    assert r.status_code == 401
+    assert r.json()["error"]["type"] == "authentication_error"
+    r = httpx.get(f"{server.url}/v1/models", headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401
+
+
+def test_malformed_json_is_400_not_500(server: Server):
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        content=b"{not json",
+        headers={**server.headers, "content-type": "application/json"},
+    )
+    assert r.status_code == 400
+    assert "error" in r.json()
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "robot", "content": "x"}]},
+        headers=server.headers,
+    )
+    assert r.status_code == 400
+
+
+def test_unknown_fields_are_ignored(server: Server):
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={"model": MODEL, "messages": HELLO, "max_tokens": 2, "some_future_field": {"x": 1}},
+        headers=server.headers,
+        timeout=60,
+    )
+    assert r.status_code == 200
+
+
+def test_status_cli_shows_three_roles(server: Server):
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "mlxtg", "status", "--json"],
+        env={**server.env(), "MLXTG_API_KEY": API_KEY},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    data = json.loads(out.stdout)
+    assert data["gateway"]["pid"] and data["supervisor"]["pid"]
+    worker = data["models"][0]["worker"]
+    assert worker["pid"] and worker["state"] == "ready"
+    text = subprocess.run(
+        [sys.executable, "-m", "mlxtg", "status", "--api-key", API_KEY],
+        env=server.env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "gateway" in text and "supervisor" in text and "worker" in text
