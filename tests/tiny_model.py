@@ -72,7 +72,7 @@ def _corpus() -> list[str]:
     lines = []
     for i in range(2000):
         lines.append(" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(12)))
-        lines.append('{"name": "x%d", "value": %d, "ok": true, "items": [1, 2, 3]}' % (i, i * 13))
+        lines.append(f'{{"name": "x{i}", "value": {i * 13}, "ok": true, "items": [1, 2, 3]}}')
     lines.append("".join(chr(c) for c in range(32, 127)) + "éüß€日本")
     return lines
 
