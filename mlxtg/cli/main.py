@@ -78,10 +78,13 @@ def up(
         level=os.environ.get("MLXTG_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    # Keys can also come from the environment (the service units use an env file, so keys
+    # never sit in a world-readable unit or in `ps`).
+    env_keys = [k.strip() for k in os.environ.get("MLXTG_API_KEYS", "").split(",") if k.strip()]
     overrides: dict[str, Any] = {
         "host": host,
         "port": port,
-        "api_keys": api_key or None,
+        "api_keys": (api_key or []) + env_keys or None,
         "max_batch": max_batch,
         "max_queued": max_queued,
         "max_resident_models": max_resident_models,
@@ -235,6 +238,26 @@ def load(
     """Pre-warm a configured model."""
     data = _client(url, port, api_key).post("/admin/load", {"model": model})
     typer.echo(f"{data['model']}: {data['state']}")
+
+
+@app.command("create-config")
+def create_config(
+    num_models: Annotated[
+        int, typer.Option("--num-models", "-n", min=1, help="How many entries.")
+    ] = 2,
+    output: Annotated[Path, typer.Option("--output", "-o", help="File to write.")] = Path(
+        "models.yaml"
+    ),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a commented models.yaml template that runs as written."""
+    from .create_config import render
+
+    if output.exists() and not force:
+        typer.echo(f"error: {output} exists (use --force to overwrite)", err=True)
+        raise typer.Exit(1)
+    output.write_text(render(num_models, str(output)))
+    typer.echo(f"wrote {output}: edit it, then run `mlxtg up --config {output}`")
 
 
 def run() -> None:

@@ -41,7 +41,7 @@ from ..protocol import (
 )
 from ..worker.settings import EngineSettings
 from .config import ServerSettings
-from .processes import WorkerHandle, WorkerState, spawn_worker, stop_process
+from .processes import WorkerHandle, WorkerState, spawn_worker, stop_process, weights_bytes
 
 log = logging.getLogger("mlxtg.supervisor")
 
@@ -212,8 +212,14 @@ class Supervisor:
         elif isinstance(msg, Ready):
             self._ready(handle, msg)
         elif isinstance(msg, Heartbeat):
+            now = time.monotonic()
+            prev, prev_at = handle.stats.get("tokens_generated", 0), handle.last_heartbeat
+            if now > prev_at:
+                msg.stats["tokens_per_s"] = round(
+                    (msg.stats.get("tokens_generated", 0) - prev) / (now - prev_at), 1
+                )
             handle.stats = msg.stats
-            handle.last_heartbeat = time.monotonic()
+            handle.last_heartbeat = now
         elif isinstance(msg, Output):
             self._forward_output(handle, frames, msg)
         elif isinstance(msg, Accepted | Error):
@@ -285,7 +291,9 @@ class Supervisor:
         if self._worker_for(model) is not None:
             return
         resident = [h for h in self.workers.values() if h.state != WorkerState.STOPPED]
-        if len(resident) >= self.settings.max_resident_models:
+        spec = self.settings.find(model)
+        assert spec is not None
+        if len(resident) >= self.settings.max_resident_models or self._over_budget(resident, spec):
             victims = sorted(
                 (
                     h
@@ -297,12 +305,21 @@ class Supervisor:
             if not victims:
                 return  # retried from housekeeping once a worker goes idle
             self._evict(victims[0])
-        spec = self.settings.find(model)
-        assert spec is not None
+            if self._over_budget([h for h in resident if h is not victims[0]], spec):
+                return  # evict one per turn: the next housekeeping turn evicts more
         worker_id = f"{spec.name}-{uuid.uuid4().hex[:6]}"
         self.workers[worker_id] = spawn_worker(
             spec, worker_id, self.worker_endpoint, self.settings.fast_blas
         )
+
+    def _over_budget(self, resident: list[WorkerHandle], spec: Any) -> bool:
+        """Would loading `spec` next to `resident` exceed the memory budget? Resident
+        workers count with their measured RSS, the newcomer with its weights' size."""
+        budget = self.settings.memory_budget_gb
+        if not budget or not resident:
+            return False
+        used = sum(h.describe().get("rss_bytes") or 0 for h in resident)
+        return used + weights_bytes(spec) > budget * (1 << 30)
 
     def _evict(self, handle: WorkerHandle) -> None:
         log.info("evicting model %s (worker pid %d)", handle.name, handle.proc.pid)

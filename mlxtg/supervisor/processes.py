@@ -15,6 +15,7 @@ from typing import Any
 
 from ..models import ModelSpec
 from ..worker.blas import find_fast_blas
+from ..worker.quantize import BITS
 
 log = logging.getLogger("mlxtg.supervisor")
 
@@ -70,6 +71,16 @@ class WorkerHandle:
         }
 
 
+def weights_bytes(spec: ModelSpec) -> int:
+    """On-disk size of a local model's weights (0 when unknown, e.g. not downloaded yet)."""
+    from pathlib import Path
+
+    folder = Path(spec.model_id_or_path).expanduser()
+    size = sum(p.stat().st_size for p in folder.glob("*.safetensors")) if folder.is_dir() else 0
+    bits = BITS.get(spec.quant)
+    return size * bits // 16 if bits else size  # quantised from (usually) 16-bit weights
+
+
 def spawn_worker(spec: ModelSpec, worker_id: str, endpoint: str, fast_blas: bool) -> WorkerHandle:
     env = dict(os.environ)
     blas = find_fast_blas() if fast_blas else None
@@ -87,7 +98,9 @@ def spawn_gateway(config: dict[str, Any]) -> subprocess.Popen[bytes]:
     keys never show up in `ps`."""
     env = dict(os.environ)
     env["MLXTG_GATEWAY_CONFIG"] = json.dumps(config)
-    return subprocess.Popen([sys.executable, "-m", "mlxtg.gateway"], env=env, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "mlxtg.gateway"], env=env, start_new_session=True
+    )
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> int | None:

@@ -38,7 +38,12 @@ def load(spec: ModelSpec) -> LoadedModel:
     from mlx_lm.utils import load_adapters, load_model, load_tokenizer
 
     started = time.monotonic()
-    path = resolve_model_path(spec.source_path(), revision=spec.revision)
+    source = resolve_model_path(spec.source_path(), revision=spec.revision)
+    path = source
+    if spec.quant != "none":
+        from .quantize import ensure_quantized
+
+        path = ensure_quantized(source, spec.quant, spec.quant_group_size)
     model, config = load_model(path, lazy=False, model_config=spec.model_config_ or {})
     if spec.adapter_path:
         model = load_adapters(model, str(spec.adapter_path))
@@ -113,6 +118,8 @@ def fingerprint(model_path: Path, tokenizer_path: Path, spec: ModelSpec) -> str:
             if p.is_file():
                 _file_digest(h, p)
     identity = {
+        "quant": spec.quant,
+        "quant_group_size": spec.quant_group_size,
         "model_config": spec.model_config_,
         "chat_template": spec.chat_template,
         "cache_dtype": "model",
