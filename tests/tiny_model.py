@@ -142,3 +142,33 @@ def build_model(
     params = {k: (v * 4.0 if v.ndim == 2 else v) for k, v in tree_flatten(model.parameters())}
     mx.save_safetensors(str(out / "model.safetensors"), params, metadata={"format": "mlx"})
     return out
+
+
+def build_lora_adapter(model_dir: Path, out: Path, seed: int = 1) -> Path:
+    """A random (non-zero) LoRA adapter for a tiny model, in mlx-lm's adapter layout."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.utils import load_model
+
+    model, config = load_model(model_dir)
+    lora = {
+        "rank": 4,
+        "scale": 20.0,
+        "dropout": 0.0,
+        "keys": ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"],
+    }
+    layers = config["num_hidden_layers"]
+    linear_to_lora_layers(model, layers, lora)
+    mx.random.seed(seed)
+    weights = {
+        k: mx.random.normal(v.shape) * 0.5
+        for k, v in tree_flatten(model.parameters())
+        if k.endswith(("lora_a", "lora_b"))
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(out / "adapters.safetensors"), weights)
+    (out / "adapter_config.json").write_text(
+        json.dumps({"fine_tune_type": "lora", "num_layers": layers, "lora_parameters": lora})
+    )
+    return out

@@ -81,6 +81,8 @@ def load_models_file(path: Path) -> dict[str, Any]:
             where = ".".join(str(p) for p in err["loc"]) or "entry"
             raise ConfigError(f"{label}: field '{where}': {err['msg']}") from None
         _check_paths(spec, label, path.parent)
+        if any(other.name == spec.name for other in specs):
+            raise ConfigError(f"{label}: field 'model_name': duplicate model_name {spec.name!r}")
         specs.append(spec)
     out = {k: v for k, v in raw.items() if k != "models"}
     out["models"] = specs
