@@ -63,6 +63,15 @@ def up(
     cache_ram_gb: Annotated[
         float | None, typer.Option(help="RAM prefix-cache budget per model [2].")
     ] = None,
+    cache_disk_gb: Annotated[
+        float | None, typer.Option(help="Disk prompt-cache budget per model [10]; 0 disables.")
+    ] = None,
+    cache_slots: Annotated[
+        int | None, typer.Option(help="Conversations kept on disk per model [50].")
+    ] = None,
+    cache_min_tokens: Annotated[
+        int | None, typer.Option(help="Shorter cached prefixes are not reused [16].")
+    ] = None,
     fast_blas: Annotated[
         bool,
         typer.Option(
@@ -89,6 +98,9 @@ def up(
         "max_queued": max_queued,
         "max_resident_models": max_resident_models,
         "cache_ram_gb": cache_ram_gb,
+        "cache_disk_gb": cache_disk_gb,
+        "cache_slots": cache_slots,
+        "cache_min_tokens": cache_min_tokens,
         "fast_blas": fast_blas,
     }
     try:
@@ -258,6 +270,54 @@ def create_config(
         raise typer.Exit(1)
     output.write_text(render(num_models, str(output)))
     typer.echo(f"wrote {output}: edit it, then run `mlxtg up --config {output}`")
+
+
+cache_app = typer.Typer(help="The prompt cache on disk (works with the server running or stopped).")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("ls")
+def cache_ls(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Per model: slots, tokens, bytes, last use and hit counts."""
+    import time
+
+    from ..kv_files import list_caches
+
+    entries = list_caches()
+    if as_json:
+        typer.echo(json.dumps(entries, indent=2))
+        return
+    if not entries:
+        typer.echo(f"no cached prompts under {paths.home()}")
+    for e in entries:
+        last = (
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(e["last_used"]))
+            if e["last_used"]
+            else "-"
+        )
+        typer.echo(
+            f"{e['model']:<24} {e['fingerprint']}  slots {e['slots']:>4}  tokens {e['tokens']:>8}"
+            f"  {e['bytes'] / 2**20:8.1f} MiB  last used {last}  hits {e['hits']}"
+        )
+
+
+@cache_app.command("clear")
+def cache_clear(
+    model: Annotated[str | None, typer.Argument(help="Only this model's cache.")] = None,
+    url: UrlOpt = None,
+    port: PortOpt = None,
+    api_key: KeyOpt = None,
+) -> None:
+    """Delete cached prompts (RAM and disk when the server runs, disk otherwise)."""
+    from ..kv_files import clear_caches
+
+    running = paths.read_server_info()
+    if url or port or (running and _alive(running.get("pid"))):
+        data = _client(url, port, api_key).post("/admin/cache/clear", {"model": model})
+        removed = data.get("removed", [])
+    else:
+        removed = clear_caches(model)
+    typer.echo("removed: " + (", ".join(removed) if removed else "nothing"))
 
 
 def run() -> None:

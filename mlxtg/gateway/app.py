@@ -106,6 +106,14 @@ def _admin_router() -> Any:
             raise BadRequest("model is required", param="model")
         return _reply(await client.control("load", {"model": body["model"]}, timeout=10.0))
 
+    @router.post("/admin/cache/clear")
+    async def admin_cache_clear(
+        client: Client, body: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        return _reply(
+            await client.control("cache_clear", {"model": (body or {}).get("model")}, timeout=30.0)
+        )
+
     return router
 
 

@@ -36,6 +36,8 @@ class ServerSettings(BaseModel):
     prefill_chunk: int = Field(default=512, ge=16)
     cache_ram_gb: float = Field(default=2.0, ge=0)
     cache_min_tokens: int = Field(default=16, ge=1)
+    cache_disk_gb: float = Field(default=10.0, ge=0)
+    cache_slots: int = Field(default=50, ge=0)
     load_timeout: float = Field(default=300.0, gt=0)
     fast_blas: bool = True
 
@@ -69,7 +71,7 @@ def load_models_file(path: Path) -> dict[str, Any]:
         raw = {"models": raw}
     if not isinstance(raw, dict) or not isinstance(raw.get("models"), list):
         raise ConfigError(f"{path}: expected a list of models or a mapping with a 'models' list")
-    specs = []
+    specs: list[ModelSpec] = []
     for i, entry in enumerate(raw["models"]):
         label = f"{path}: models[{i}]"
         if isinstance(entry, dict) and entry.get("model_name"):

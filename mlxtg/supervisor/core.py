@@ -21,6 +21,7 @@ from typing import Any
 import zmq
 
 from .. import __version__, paths
+from ..kv_files import clear_caches
 from ..protocol import (
     Abort,
     Accepted,
@@ -191,19 +192,19 @@ class Supervisor:
             return
         if isinstance(msg, Hello):
             handle.state = WorkerState.LOADING
+            spec, gb = handle.spec, 1 << 30
+
+            def pick(own: Any, default: Any) -> Any:
+                return own if own is not None else default
+
             engine = EngineSettings(
                 max_batch=self.settings.max_batch,
                 max_queued=self.settings.max_queued,
                 prefill_chunk=self.settings.prefill_chunk,
-                cache_ram_bytes=int(
-                    (
-                        handle.spec.cache_ram_gb
-                        if handle.spec.cache_ram_gb is not None
-                        else self.settings.cache_ram_gb
-                    )
-                    * (1 << 30)
-                ),
-                cache_min_tokens=handle.spec.cache_min_tokens or self.settings.cache_min_tokens,
+                cache_ram_bytes=int(pick(spec.cache_ram_gb, self.settings.cache_ram_gb) * gb),
+                cache_min_tokens=pick(spec.cache_min_tokens, self.settings.cache_min_tokens),
+                cache_disk_bytes=int(pick(spec.cache_disk_gb, self.settings.cache_disk_gb) * gb),
+                cache_slots=pick(spec.cache_slots, self.settings.cache_slots),
             )
             config = Config(
                 worker_id=worker_id, model=handle.spec.to_wire(), engine=engine.to_wire()
@@ -426,6 +427,14 @@ class Supervisor:
             )
         if op == ControlOp.EVICT:
             return self._control_evict(msg)
+        if op == ControlOp.CACHE_CLEAR:
+            model = msg.args.get("model")
+            for handle in self.workers.values():
+                if model in (None, handle.name) and handle.state == WorkerState.READY:
+                    self.back.send_multipart([handle.worker_id.encode(), *encode(msg)])
+            return ControlReply(
+                request_id=msg.request_id, ok=True, data={"removed": clear_caches(model)}
+            )
         if op == ControlOp.SHUTDOWN:
             self.stopping = True
             return ControlReply(request_id=msg.request_id, ok=True)

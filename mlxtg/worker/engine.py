@@ -16,6 +16,7 @@ import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
 from ..protocol import Delta
+from .disk_cache import DiskCache
 from .loader import LoadedModel
 from .prefix_cache import RamPrefixCache
 from .sampler import RowState, sample, top_logprobs
@@ -27,13 +28,20 @@ from .text import TextStream, TokenBytes
 class Engine:
     """Owns the model, the decode batch and its KV cache. Called from one thread only."""
 
-    def __init__(self, loaded: LoadedModel, prefix_cache: RamPrefixCache, guided: Any = None):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        prefix_cache: RamPrefixCache,
+        guided: Any = None,
+        disk: DiskCache | None = None,
+    ):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.vocab_size = loaded.vocab_size
         self.eos_ids = frozenset(loaded.eos_ids)
         self.prefix_cache = prefix_cache
+        self.disk = disk
         self.guided = guided  # GuidedCompiler or None
         self.token_bytes = TokenBytes(loaded.tokenizer._tokenizer)
         self.batch: list[Sequence] = []
@@ -44,16 +52,31 @@ class Engine:
     # --- prefill ---------------------------------------------------------------------------
 
     def attach_prefix(self, req: Request) -> tuple[int, str, str | None]:
-        """Start a request from the longest cached prefix of its prompt (first-class path:
-        any cache handed over here just needs to hold exactly `num_computed` tokens)."""
+        """Start a request from the longest cached prefix of its prompt, from RAM or disk
+        (first-class path: any cache handed over here just needs to hold exactly
+        `num_computed` tokens). Returns (cached tokens, source, miss reason)."""
+        session = getattr(req.payload, "cache_key", None)
         hit = self.prefix_cache.lookup(req.prompt)
-        if hit.cache is not None:
-            req.cache = hit.cache
-            req.num_computed = hit.tokens
-        else:
-            req.cache = make_prompt_cache(self.model)
-            req.num_computed = 0
-        return hit.tokens, hit.source, hit.miss_reason
+        source, reason, cache, n = hit.source, hit.miss_reason, hit.cache, hit.tokens
+        if self.disk is not None:
+            self.disk.touch_session(session, req.prompt)
+            on_disk = min(self.disk.match(req.prompt), len(req.prompt) - 1)
+            if on_disk > n and on_disk >= self.disk.min_tokens:
+                layers = self.disk.load(req.prompt, self.disk.match(req.prompt))
+                if layers is not None:
+                    cache, n, source, reason = _cache_from(layers, on_disk), on_disk, "disk", None
+                elif cache is None:
+                    reason = "corrupt"
+            elif cache is None and on_disk > 0:
+                reason = "below_minimum"
+                self.disk.stats.misses += 1
+            elif cache is None:
+                self.disk.stats.misses += 1
+        if cache is None:
+            cache, n = make_prompt_cache(self.model), 0
+        req.cache = cache
+        req.num_computed = n
+        return n, source, reason
 
     def prefill(self, chunk: PrefillChunk) -> mx.array | None:
         """Run one chunk of a prompt; on the last chunk return the next-token logits (1, V)."""
@@ -79,8 +102,8 @@ class Engine:
         live = [s for s in seqs if not s.finished]
         if live:
             self._join(req.cache, live)
-        if not live and self.prefix_cache.max_bytes > 0:
-            self._store_prompt(req.prompt, req.cache)
+        if not live:
+            self._store_prompt(req.prompt, req.cache, payload.cache_key)
         req.cache = None
         return deltas
 
@@ -101,6 +124,7 @@ class Engine:
             request_id=req.request_id,
             index=index,
             prompt=req.prompt,
+            session=payload.cache_key,
             row=row,
             text=TextStream(self.tokenizer.detokenizer, params.stop),
             max_tokens=payload.max_tokens,
@@ -183,7 +207,7 @@ class Engine:
                 c.filter(keep)
 
     def _store_finished(self) -> None:
-        if self._cache is None or self.prefix_cache.max_bytes <= 0:
+        if self._cache is None or (self.prefix_cache.max_bytes <= 0 and self.disk is None):
             return
         for i, s in enumerate(self.batch):
             if s.finished and s.index == 0 and s.finish_reason != "error":
@@ -193,10 +217,19 @@ class Engine:
                 tokens = (s.prompt + s.output)[:size]
                 if len(tokens) == size:
                     self.prefix_cache.store(tokens, cache)
+                    if self.disk is not None and _plain(cache):
+                        self.disk.submit(tokens, cache, s.session)
 
-    def _store_prompt(self, prompt: list[int], cache: list[Any]) -> None:
+    def _store_prompt(self, prompt: list[int], cache: list[Any], session: str | None) -> None:
         """A request that ended at its first token still leaves its prompt's cache."""
         self.prefix_cache.store(list(prompt), [copy.copy(c) for c in cache])
+        if self.disk is not None and _plain(cache):
+            self.disk.submit(list(prompt), cache, session)
+
+    def clear_caches(self) -> None:
+        self.prefix_cache.clear()
+        if self.disk is not None:
+            self.disk.clear()
 
     # --- introspection ---------------------------------------------------------------------
 
@@ -208,3 +241,21 @@ class Engine:
         if self._cache is None:
             return 0
         return int(sum(c.nbytes for c in self._cache))
+
+
+def _plain(cache: list[Any]) -> bool:
+    from mlx_lm.models.cache import KVCache
+
+    return all(type(c) is KVCache for c in cache)
+
+
+def _cache_from(layers: list[tuple[Any, Any]], n: int) -> list[Any]:
+    """KVCache per layer from loaded (keys, values), holding the first `n` positions."""
+    from mlx_lm.models.cache import KVCache
+
+    out = []
+    for k, v in layers:
+        c = KVCache()
+        c.keys, c.values, c.offset = k, v, n
+        out.append(c)
+    return out

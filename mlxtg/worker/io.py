@@ -143,6 +143,8 @@ class WorkerIO(threading.Thread):
             self.inbox.put(msg)
         elif isinstance(msg, Control) and msg.op == ControlOp.SHUTDOWN:
             self.inbox.put(Shutdown())
+        elif isinstance(msg, Control) and msg.op == ControlOp.CACHE_CLEAR:
+            self.inbox.put(msg)
         else:
             log.warning("worker ignores %s", type(msg).__name__)
 

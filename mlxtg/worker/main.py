@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -21,6 +22,7 @@ from ..protocol import (
     Abort,
     Accepted,
     Config,
+    Control,
     Delta,
     Error,
     FinishReason,
@@ -122,7 +124,21 @@ def _build_runtime(config: Config, settings: EngineSettings) -> tuple[Any, Any, 
     except ImportError:  # llguidance missing: constrained requests get a clear 400
         log.warning("llguidance is not installed: guided decoding disabled")
     cache = RamPrefixCache(settings.cache_ram_bytes, min_tokens=settings.cache_min_tokens)
-    return loaded, Engine(loaded, cache, guided), Preprocessor(loaded, guided)
+    disk = None
+    if settings.cache_disk_bytes > 0:
+        from .. import paths
+        from .disk_cache import DiskCache
+
+        disk = DiskCache(
+            Path(settings.cache_dir) if settings.cache_dir else paths.home() / "kv-cache",
+            loaded.fingerprint,
+            loaded.spec.name,
+            max_bytes=settings.cache_disk_bytes,
+            max_slots=settings.cache_slots,
+            block_tokens=settings.cache_block_tokens,
+            min_tokens=max(settings.cache_min_tokens, settings.cache_block_tokens),
+        )
+    return loaded, Engine(loaded, cache, guided, disk), Preprocessor(loaded, guided)
 
 
 class EngineLoop:
@@ -147,6 +163,7 @@ class EngineLoop:
             "prefix_cache": dict(
                 e.prefix_cache.stats, entries=len(e.prefix_cache), bytes=e.prefix_cache.nbytes
             ),
+            "disk_cache": e.disk.describe() if e.disk is not None else None,
             "last_step": self.last_step,
             "uptime": time.time() - self.started,
         }
@@ -172,6 +189,8 @@ class EngineLoop:
                     return
                 if isinstance(item, Abort):
                     self._abort(item.request_id)
+                elif isinstance(item, Control):  # cache clear
+                    self.engine.clear_caches()
                 elif isinstance(item, Request):
                     self._admit(item)
             # 2. One step.

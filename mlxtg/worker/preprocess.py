@@ -50,6 +50,7 @@ class Preprocessor:
             max_tokens=max_tokens,
             guide_spec=guide_spec,
             parser_factory=parser_factory,
+            cache_key=msg.cache_key,
         )
         return Request(request_id=msg.request_id, prompt=prompt, n=msg.n, payload=payload)
 

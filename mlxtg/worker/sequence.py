@@ -19,7 +19,7 @@ class RequestPayload:
     max_tokens: int
     guide_spec: Any = None  # GuidedSpec or None
     parser_factory: Any = None  # () -> ToolCallParser, when tool calls are parsed
-    cached_tokens: int = 0
+    cache_key: str | None = None  # prompt_cache_key / user: keeps a session's cache
 
 
 @dataclass(slots=True)
@@ -27,6 +27,7 @@ class Sequence:
     request_id: str
     index: int
     prompt: list[int]
+    session: str | None
     row: RowState
     text: TextStream
     max_tokens: int

@@ -14,6 +14,10 @@ class EngineSettings:
     prefill_chunk: int = 512  # prompt tokens per step, so long prompts never stall streams
     cache_ram_bytes: int = 2 << 30  # hot prefix cache budget
     cache_min_tokens: int = 16  # shorter matches are not worth reusing
+    cache_disk_bytes: int = 10 << 30  # disk tier budget; 0 disables it
+    cache_slots: int = 50  # conversations kept on disk
+    cache_block_tokens: int = 128  # disk blocks: a request reads only its prefix's blocks
+    cache_dir: str = ""  # default: $MLXTG_HOME/kv-cache
     heartbeat_s: float = 1.0
 
     def to_wire(self) -> dict[str, Any]:
