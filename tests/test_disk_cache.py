@@ -120,3 +120,20 @@ def test_cache_ls_and_clear_by_model(tmp_path: Path):
     assert listed["model-a"]["slots"] == 1 and listed["model-b"]["bytes"] > 0
     assert clear_caches("model-a", root) == ["model-a (fpA)"]
     assert [e["model"] for e in list_caches(root)] == ["model-b"]
+
+
+def test_misses_are_explained(tmp_path: Path):
+    tokens = list(range(8))
+    disk = make(tmp_path, max_slots=1)
+    disk.submit(tokens, kv(tokens))
+    disk.flush()
+    other = [9] * 8
+    disk.submit(other, kv(other))
+    disk.flush()
+    assert disk.explain_miss(tokens) == "evicted"
+    requantised = DiskCache(
+        tmp_path, "fp2", "model-a", max_bytes=1 << 30, block_tokens=4, min_tokens=4
+    )
+    assert requantised.explain_miss(other) == "fingerprint_mismatch"
+    assert requantised.explain_miss([5] * 8) is None
+    assert requantised.explain_miss([5]) == "below_minimum"

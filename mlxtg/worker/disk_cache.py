@@ -101,6 +101,7 @@ class DiskCache:
         self._lock = threading.Lock()
         self._blocks: dict[str, BlockInfo] = {}
         self._sessions: dict[str, tuple[float, set[str]]] = {}
+        self._evicted: dict[str, None] = {}  # recently evicted blocks, to explain misses
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=64)
         self._meta = {"model": model_name, "fingerprint": fingerprint, "block_tokens": block_tokens}
         (self.dir / "meta.json").write_text(json.dumps(self._meta))
@@ -229,6 +230,26 @@ class DiskCache:
             self._discard(path)
             return None
 
+    def explain_miss(self, tokens: list[int]) -> str | None:
+        """Why the disk holds nothing for `tokens`: evicted, or cached for another
+        fingerprint of this model (weights, quantisation, adapter or tokenizer changed)."""
+        hashes = chain_hashes(tokens[: self.block], self.block)
+        if not hashes:
+            return "below_minimum"
+        first = hashes[0]
+        if first in self._evicted:
+            return "evicted"
+        for sibling in self.dir.parent.glob("*"):
+            if sibling == self.dir or not (sibling / first[:2] / f"{first}.safetensors").exists():
+                continue
+            try:
+                meta = json.loads((sibling / "meta.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if meta.get("model") == self._meta["model"]:
+                return "fingerprint_mismatch"
+        return None
+
     # --- store -------------------------------------------------------------------------------
 
     def submit(
@@ -353,6 +374,9 @@ class DiskCache:
                 _, victim = min(leaves)
                 total -= self._blocks[victim].nbytes
                 self._forget(victim)
+                self._evicted[victim] = None
+                if len(self._evicted) > 10_000:
+                    del self._evicted[next(iter(self._evicted))]
                 self._discard(self._path(victim))
                 self.stats.evicted += 1
 

@@ -72,6 +72,7 @@ class Engine:
                 self.disk.stats.misses += 1
             elif cache is None:
                 self.disk.stats.misses += 1
+                reason = self.disk.explain_miss(req.prompt) or reason
         if cache is None:
             cache, n = make_prompt_cache(self.model), 0
         req.cache = cache

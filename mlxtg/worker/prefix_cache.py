@@ -97,7 +97,13 @@ class RamPrefixCache:
         entry.hits += 1
         self.stats["hits"] += 1
         self.stats["hit_tokens"] += best
-        return Hit(best, _slice(entry.cache, best), "ram")
+        # A continuation that stops matching well before the end of the stored sequence
+        # usually means the chat template renders earlier turns differently than the
+        # model generated them: say so, it is the classic cause of poor reuse.
+        reason = None
+        if best < len(entry.tokens) - 1 and best < len(tokens) - 1:
+            reason = f"diverged_at_token_{best}"
+        return Hit(best, _slice(entry.cache, best), "ram", reason)
 
     def store(self, tokens: list[int], cache: list[Any]) -> None:
         """Keep a batch-1 cache holding exactly `tokens`."""
