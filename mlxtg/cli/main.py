@@ -15,6 +15,7 @@ import typer
 
 from .. import __version__, paths
 from .client import ServerClient, ServerNotFound
+from .service import service_app
 
 app = typer.Typer(
     add_completion=False,
@@ -271,6 +272,8 @@ def create_config(
     output.write_text(render(num_models, str(output)))
     typer.echo(f"wrote {output}: edit it, then run `mlxtg up --config {output}`")
 
+
+app.add_typer(service_app, name="service")
 
 cache_app = typer.Typer(help="The prompt cache on disk (works with the server running or stopped).")
 app.add_typer(cache_app, name="cache")

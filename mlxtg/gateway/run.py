@@ -40,6 +40,7 @@ class Run:
         self._buffer: list[Message] = []
         self._left = len(gens) * n
         self._finished = [0] * len(gens)  # finished choices per prompt
+        self._accepted: set[str] = set()
         self.facts: list[PromptFacts] = [PromptFacts() for _ in gens]
         self.created = int(time.time())
         self.started_at = time.monotonic()
@@ -66,7 +67,7 @@ class Run:
     async def accept(self, timeout: float | None = None) -> bool:
         """Wait until every prompt is accepted; False on timeout (e.g. the model is still
         loading). Raises the request's APIError if the worker refused it."""
-        waiting = set(self._handles)
+        waiting = set(self._handles) - self._accepted
         deadline = None if timeout is None else time.monotonic() + timeout
         while waiting:
             remaining = None if deadline is None else deadline - time.monotonic()
@@ -85,6 +86,7 @@ class Run:
         return True
 
     def _record(self, msg: Accepted) -> None:
+        self._accepted.add(msg.request_id)
         facts = self.facts[self._prompt_index[msg.request_id]]
         facts.prompt_tokens = msg.prompt_tokens
         facts.cached_tokens = msg.cached_tokens
