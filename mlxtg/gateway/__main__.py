@@ -5,21 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import threading
-import time
 
 import uvicorn
 
+from ..lifeline import exit_with_parent
 from .app import create_app
 from .settings import GatewaySettings
-
-
-def _exit_with_parent() -> None:
-    parent = os.getppid()
-    while True:
-        time.sleep(1.0)
-        if os.getppid() != parent:
-            os._exit(3)
 
 
 def main() -> int:
@@ -28,7 +19,7 @@ def main() -> int:
         level=os.environ.get("MLXTG_LOG_LEVEL", "INFO"),
         format="%(asctime)s gateway %(levelname)s %(message)s",
     )
-    threading.Thread(target=_exit_with_parent, daemon=True).start()
+    exit_with_parent()
     uvicorn.run(
         create_app(settings),
         host=settings.host,

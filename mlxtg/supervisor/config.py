@@ -40,6 +40,9 @@ class ServerSettings(BaseModel):
     cache_slots: int = Field(default=50, ge=0)
     load_timeout: float = Field(default=300.0, gt=0)
     fast_blas: bool = True
+    # A started, idle worker process ready to take the next model (default: when several
+    # models are configured), so a switch costs a weights load, not a Python start-up.
+    standby_worker: bool | None = None
 
     def model_names(self) -> list[str]:
         return [m.name for m in self.models]

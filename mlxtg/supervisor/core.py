@@ -42,7 +42,15 @@ from ..protocol import (
 )
 from ..worker.settings import EngineSettings
 from .config import ServerSettings
-from .processes import WorkerHandle, WorkerState, spawn_worker, stop_process, weights_bytes
+from .processes import (
+    Spare,
+    WorkerHandle,
+    WorkerState,
+    spawn_spare,
+    spawn_worker,
+    stop_process,
+    weights_bytes,
+)
 
 log = logging.getLogger("mlxtg.supervisor")
 
@@ -72,6 +80,12 @@ class Supervisor:
         self.started = time.time()
         self.stopping = False
         self.exit_code = 0
+        self.spare: Spare | None = None
+        self.use_spare = (
+            settings.standby_worker
+            if settings.standby_worker is not None
+            else len(settings.models) > 1
+        )
         self.counters = {"model_loads": 0, "evictions": 0, "worker_restarts": 0, "load_failures": 0}
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -95,6 +109,8 @@ class Supervisor:
     def close(self) -> None:
         for handle in list(self.workers.values()):
             stop_process(handle.proc)
+        if self.spare is not None:
+            stop_process(self.spare.proc)
         self.workers.clear()
         self.front.close()
         self.back.close()
@@ -189,27 +205,15 @@ class Supervisor:
             log.error("malformed message from worker %s: %s", worker_id, exc)
             return
         if handle is None:
+            if (
+                self.spare is not None
+                and worker_id == self.spare.worker_id
+                and isinstance(msg, Hello)
+            ):
+                self.spare.ready = True
             return
         if isinstance(msg, Hello):
-            handle.state = WorkerState.LOADING
-            spec, gb = handle.spec, 1 << 30
-
-            def pick(own: Any, default: Any) -> Any:
-                return own if own is not None else default
-
-            engine = EngineSettings(
-                max_batch=self.settings.max_batch,
-                max_queued=self.settings.max_queued,
-                prefill_chunk=self.settings.prefill_chunk,
-                cache_ram_bytes=int(pick(spec.cache_ram_gb, self.settings.cache_ram_gb) * gb),
-                cache_min_tokens=pick(spec.cache_min_tokens, self.settings.cache_min_tokens),
-                cache_disk_bytes=int(pick(spec.cache_disk_gb, self.settings.cache_disk_gb) * gb),
-                cache_slots=pick(spec.cache_slots, self.settings.cache_slots),
-            )
-            config = Config(
-                worker_id=worker_id, model=handle.spec.to_wire(), engine=engine.to_wire()
-            )
-            self.back.send_multipart([worker_id.encode(), *encode(config)])
+            self._send_config(handle)
         elif isinstance(msg, Ready):
             self._ready(handle, msg)
         elif isinstance(msg, Heartbeat):
@@ -229,6 +233,26 @@ class Supervisor:
                 self.front.send_multipart([route.gateway, *frames])
                 if isinstance(msg, Error):
                     self._finish_route(handle, msg.request_id)
+
+    def _send_config(self, handle: WorkerHandle) -> None:
+        handle.state = WorkerState.LOADING
+        worker_id = handle.worker_id
+        spec, gb = handle.spec, 1 << 30
+
+        def pick(own: Any, default: Any) -> Any:
+            return own if own is not None else default
+
+        engine = EngineSettings(
+            max_batch=self.settings.max_batch,
+            max_queued=self.settings.max_queued,
+            prefill_chunk=self.settings.prefill_chunk,
+            cache_ram_bytes=int(pick(spec.cache_ram_gb, self.settings.cache_ram_gb) * gb),
+            cache_min_tokens=pick(spec.cache_min_tokens, self.settings.cache_min_tokens),
+            cache_disk_bytes=int(pick(spec.cache_disk_gb, self.settings.cache_disk_gb) * gb),
+            cache_slots=pick(spec.cache_slots, self.settings.cache_slots),
+        )
+        config = Config(worker_id=worker_id, model=handle.spec.to_wire(), engine=engine.to_wire())
+        self.back.send_multipart([worker_id.encode(), *encode(config)])
 
     def _ready(self, handle: WorkerHandle, msg: Ready) -> None:
         if msg.error:
@@ -308,6 +332,15 @@ class Supervisor:
             self._evict(victims[0])
             if self._over_budget([h for h in resident if h is not victims[0]], spec):
                 return  # evict one per turn: the next housekeeping turn evicts more
+        spare = self.spare
+        if spare is not None and spare.ready and spare.proc.poll() is None:
+            # A standby worker has its imports done: it only has to load the weights.
+            self.spare = None
+            handle = WorkerHandle(worker_id=spare.worker_id, spec=spec, proc=spare.proc)
+            self.workers[handle.worker_id] = handle
+            log.info("standby worker %s takes model %s", handle.worker_id, spec.name)
+            self._send_config(handle)
+            return
         worker_id = f"{spec.name}-{uuid.uuid4().hex[:6]}"
         self.workers[worker_id] = spawn_worker(
             spec, worker_id, self.worker_endpoint, self.settings.fast_blas
@@ -341,8 +374,25 @@ class Supervisor:
                 ),
             )
 
+    def _keep_spare(self) -> None:
+        """Keep one standby worker process (imports done, no model) when models can be
+        switched, so a switch costs a weights load, not a Python start-up. Spawned only
+        while no model is loading, so it never competes with a load for the CPU."""
+        if not self.use_spare or self.stopping:
+            return
+        if self.spare is not None and self.spare.proc.poll() is not None:
+            self.spare = None
+        loading = any(
+            h.state in (WorkerState.STARTING, WorkerState.LOADING) for h in self.workers.values()
+        )
+        if self.spare is None and not loading:
+            self.spare = spawn_spare(
+                f"standby-{uuid.uuid4().hex[:6]}", self.worker_endpoint, self.settings.fast_blas
+            )
+
     def _housekeeping(self) -> None:
         now = time.monotonic()
+        self._keep_spare()
         for handle in list(self.workers.values()):
             code = handle.proc.poll()
             if code is not None and handle.state != WorkerState.STOPPED:

@@ -81,16 +81,33 @@ def weights_bytes(spec: ModelSpec) -> int:
     return size * bits // 16 if bits else size  # quantised from (usually) 16-bit weights
 
 
-def spawn_worker(spec: ModelSpec, worker_id: str, endpoint: str, fast_blas: bool) -> WorkerHandle:
+@dataclass(slots=True)
+class Spare:
+    """A standby worker: started, imports done, waiting for a CONFIG (after its HELLO)."""
+
+    worker_id: str
+    proc: subprocess.Popen[bytes]
+    ready: bool = False
+
+
+def _spawn(worker_id: str, endpoint: str, fast_blas: bool) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
     blas = find_fast_blas() if fast_blas else None
     if blas:
         env["LD_PRELOAD"] = ":".join(p for p in (blas, env.get("LD_PRELOAD")) if p)
     cmd = [sys.executable, "-m", "mlxtg.worker", "--endpoint", endpoint, "--worker-id", worker_id]
     # Own session: a Ctrl-C in the terminal reaches the supervisor only, which stops us.
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    return subprocess.Popen(cmd, env=env, start_new_session=True)
+
+
+def spawn_worker(spec: ModelSpec, worker_id: str, endpoint: str, fast_blas: bool) -> WorkerHandle:
+    proc = _spawn(worker_id, endpoint, fast_blas)
     log.info("spawned worker %s (pid %d) for model %s", worker_id, proc.pid, spec.name)
     return WorkerHandle(worker_id=worker_id, spec=spec, proc=proc)
+
+
+def spawn_spare(worker_id: str, endpoint: str, fast_blas: bool) -> Spare:
+    return Spare(worker_id=worker_id, proc=_spawn(worker_id, endpoint, fast_blas))
 
 
 def spawn_gateway(config: dict[str, Any]) -> subprocess.Popen[bytes]:

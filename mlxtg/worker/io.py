@@ -8,7 +8,6 @@ messages. The MLX thread talks to it through two queues and an inproc wake-up so
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -61,7 +60,6 @@ class WorkerIO(threading.Thread):
         self._wake_pull.bind(addr)
         self._wake_push = ctx.socket(zmq.PUSH)  # used by the engine thread only
         self._wake_push.connect(addr)
-        self._parent = os.getppid()
 
     # --- called from the engine thread -------------------------------------------------------
 
@@ -103,9 +101,6 @@ class WorkerIO(threading.Thread):
             if now >= next_beat:
                 next_beat = now + self._heartbeat_s
                 self._send_now(Heartbeat(worker_id=self._worker_id, stats=self._stats()))
-                if os.getppid() != self._parent:  # the supervisor is gone: don't linger
-                    log.error("supervisor exited; worker stopping")
-                    os._exit(3)
 
     def _flush(self) -> None:
         while True:

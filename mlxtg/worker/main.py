@@ -9,6 +9,7 @@ schedule -> run the model -> postprocess -> one OUTPUT message for the step.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -18,6 +19,7 @@ from typing import Any
 
 import zmq
 
+from ..lifeline import exit_with_parent
 from ..protocol import (
     Abort,
     Accepted,
@@ -50,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         level=os.environ.get("MLXTG_LOG_LEVEL", "INFO"),
         format=f"%(asctime)s worker[{args.worker_id}] %(levelname)s %(message)s",
     )
+    exit_with_parent()
+    # Heavy imports before HELLO: a standby worker then only has weights left to load.
+    for module in ("mlx_lm.utils", "mlxtg.worker.engine", "mlxtg.worker.preprocess"):
+        importlib.import_module(module)
+
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 1000)
