@@ -83,3 +83,25 @@ def test_second_up_on_a_running_home_refuses(tmp_path: Path, tiny_llama: Path):
         assert "already running" in dup.log.read_text()
     finally:
         assert srv.stop() == 0
+
+
+def test_crash_loop_makes_up_exit_non_zero_for_the_service_manager(tmp_path: Path, tiny_llama: Path):
+    srv = start_server(tmp_path / "home", ["--model", str(tiny_llama)], api_key=None)
+    body = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    try:
+        for _ in range(3):
+            pid = srv.status()["models"][0]["worker"]["pid"]
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while srv.proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    if httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=60).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    break
+                time.sleep(0.2)
+        assert srv.proc.wait(timeout=60) == 1
+        assert "giving up" in srv.log.read_text()
+    finally:
+        if srv.proc.poll() is None:
+            srv.stop(signal.SIGKILL)

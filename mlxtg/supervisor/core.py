@@ -54,6 +54,8 @@ from .processes import (
 
 log = logging.getLogger("mlxtg.supervisor")
 
+CRASH_LIMIT, CRASH_WINDOW_S = 3, 120.0  # this many unexpected worker exits in this window: give up
+
 
 @dataclass(slots=True)
 class Route:
@@ -81,6 +83,7 @@ class Supervisor:
         self.stopping = False
         self.exit_code = 0
         self.spare: Spare | None = None
+        self._crashes: dict[str, list[float]] = {}
         self.use_spare = (
             settings.standby_worker
             if settings.standby_worker is not None
@@ -445,6 +448,20 @@ class Supervisor:
                 )
         handle.state = WorkerState.STOPPED
         self.workers.pop(handle.worker_id, None)
+        # A crash loop cannot be recovered here: exit non-zero so the service manager
+        # (launchd / systemd) restarts everything.
+        now = time.monotonic()
+        recent = [t for t in self._crashes.get(handle.name, []) if now - t < CRASH_WINDOW_S]
+        self._crashes[handle.name] = [*recent, now]
+        if len(recent) + 1 >= CRASH_LIMIT:
+            log.error(
+                "the worker for %s died %d times in %.0fs: giving up",
+                handle.name,
+                CRASH_LIMIT,
+                CRASH_WINDOW_S,
+            )
+            self.exit_code = 1
+            self.stopping = True
         if handle.ready_at is None:
             self._fail_pending(
                 handle.name,
