@@ -63,6 +63,8 @@ async def chat_completions(
         tools=body.tools if body.effective_tool_choice() not in (None, "none") else None,
         tool_choice=body.effective_tool_choice(),
         chat_template_kwargs=body.chat_template_kwargs,
+        parallel_tool_calls=body.parallel_tool_calls is not False,
+        stream=body.stream,
         n=body.n,
         guided=_guided(body),
         cache_key=body.cache_key,

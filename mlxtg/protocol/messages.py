@@ -132,6 +132,8 @@ class Generate(Message):
     tool_choice: Any = None
     chat_template_kwargs: dict[str, Any] | None = None
     n: int = 1
+    parallel_tool_calls: bool = True
+    stream: bool = False  # the client streams: tool-call arguments are sent incrementally
     guided: dict[str, Any] | None = None  # a serialised GuidedSpec
     cache_key: str | None = None  # OpenAI prompt_cache_key / user: keeps a session together
 

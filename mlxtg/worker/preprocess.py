@@ -15,6 +15,7 @@ from .loader import LoadedModel
 from .params import RequestError, SamplingParams, resolve_max_tokens
 from .scheduler import Request
 from .sequence import RequestPayload
+from .tool_grammar import forces_call
 
 
 class Preprocessor:
@@ -34,6 +35,13 @@ class Preprocessor:
         params.validate_against(self.loaded.vocab_size)
 
         tools_active = bool(msg.tools) and msg.tool_choice != "none"
+        if msg.tools:
+            from .tool_grammar import validate_tools
+
+            try:
+                validate_tools(msg.tools)
+            except ValueError as exc:
+                raise RequestError(str(exc), param="tools") from exc
         prompt, param = self._prompt(msg, tools_active)
         if not prompt:
             raise RequestError("the prompt is empty", param=param)
@@ -44,7 +52,11 @@ class Preprocessor:
         if tools_active:
             from .tool_calls import make_parser
 
-            parser_factory = partial(make_parser, self.tool_format, msg.tools or [])
+            # Non-streamed responses report only complete calls; streams get arguments as
+            # they are generated.
+            parser_factory = partial(
+                make_parser, self.tool_format, msg.tools or [], stream_arguments=msg.stream
+            )
         payload = RequestPayload(
             params=params,
             max_tokens=max_tokens,
@@ -98,12 +110,20 @@ class Preprocessor:
 
     def _guide(self, msg: Generate, tools_active: bool) -> Any:
         spec = None
-        if tools_active and _forces_call(msg.tool_choice):
+        if tools_active and forces_call(msg.tool_choice):
             from .guided import GuidedSpec
             from .tool_grammar import tool_call_grammar
 
             try:
-                lark = tool_call_grammar(msg.tools or [], msg.tool_choice, self.tool_format)
+                lark = tool_call_grammar(
+                    msg.tools or [],
+                    msg.tool_choice,
+                    self.tool_format,
+                    # llguidance treats every added token as special: the grammar must name
+                    # tags such as <tool_call> by token id when the tokenizer has them.
+                    added_tokens=self.tokenizer.get_added_vocab(),
+                    parallel_tool_calls=msg.parallel_tool_calls,
+                )
             except ValueError as exc:
                 raise RequestError(str(exc), param="tool_choice") from exc
             spec = GuidedSpec(kind="grammar", value=lark, param="tool_choice")
@@ -122,10 +142,6 @@ class Preprocessor:
         except GuidedError as exc:
             raise RequestError(str(exc), param=exc.param) from exc
         return spec
-
-
-def _forces_call(tool_choice: Any) -> bool:
-    return tool_choice == "required" or isinstance(tool_choice, dict)
 
 
 def _detect_tool_format(tokenizer: Any) -> str:
