@@ -68,11 +68,12 @@ class ChoiceAccumulator:
                 frag["index"],
                 {"id": None, "type": "function", "function": {"name": None, "arguments": ""}},
             )
+            fn = frag.get("function") or {}
             if frag.get("id"):
                 call["id"] = frag["id"]
-            if frag.get("name"):
-                call["function"]["name"] = frag["name"]
-            call["function"]["arguments"] += frag.get("arguments") or ""
+            if fn.get("name"):
+                call["function"]["name"] = fn["name"]
+            call["function"]["arguments"] += fn.get("arguments") or ""
         if delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason
             self.completion_tokens = delta.completion_tokens
@@ -120,23 +121,13 @@ def chat_chunk(
 
 
 def chat_delta(delta: Delta) -> dict[str, Any]:
+    """A stream chunk's delta; tool-call fragments already come in OpenAI's shape
+    ({index, id?, type?, function: {name?, arguments}}) from the worker's parser."""
     out: dict[str, Any] = {}
     if delta.text:
         out["content"] = delta.text
     if delta.tool_calls:
-        calls = []
-        for frag in delta.tool_calls:
-            call: dict[str, Any] = {
-                "index": frag["index"],
-                "function": {"arguments": frag.get("arguments") or ""},
-            }
-            if frag.get("id"):
-                call["id"] = frag["id"]
-                call["type"] = "function"
-            if frag.get("name"):
-                call["function"]["name"] = frag["name"]
-            calls.append(call)
-        out["tool_calls"] = calls
+        out["tool_calls"] = delta.tool_calls
     return out
 
 
