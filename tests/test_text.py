@@ -61,3 +61,19 @@ def test_random_splits_match_reference():
         i = s.find(stop)
         assert text == (s[:i] if i >= 0 else s)
         assert stopped == (i >= 0)
+
+
+def test_real_detokenizer_never_splits_a_multibyte_character(tmp_path):
+    from mlx_lm.utils import load_tokenizer
+    from tiny_model import build_tokenizer
+
+    build_tokenizer(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    tok = load_tokenizer(tmp_path)
+    text = "naïve café — 日本 €5 🙂 end"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert len(ids) > len(text) // 2  # byte-level pieces split characters across tokens
+    ts = TextStream(tok.detokenizer, [])
+    pieces = [ts.push(t) for t in ids] + [ts.finish()]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == text

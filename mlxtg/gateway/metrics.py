@@ -23,6 +23,12 @@ class GatewayMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.itl = Histogram(
+            "mlxtg_inter_token_seconds",
+            "Time between streamed tokens of one choice",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
         self.prompt_tokens = Counter("mlxtg_prompt_tokens", "Prompt tokens received", registry=r)
         self.cached_tokens = Counter(
             "mlxtg_cached_prompt_tokens", "Prompt tokens served from the KV cache", registry=r

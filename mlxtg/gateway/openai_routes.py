@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -228,11 +229,17 @@ async def _stream(
                         break
                     yield fmt.SSE_KEEPALIVE
             started: set[int] = set()
+            last_token_at: dict[int, float] = {}
             async for index, delta in _with_keepalive(run.events()):
                 if delta is None:
                     yield fmt.SSE_KEEPALIVE
                     continue
-                completion_tokens += 1 if delta.token_ids else 0
+                if delta.token_ids:
+                    completion_tokens += 1
+                    now = time.monotonic()
+                    if index in last_token_at:
+                        metrics.itl.observe(now - last_token_at[index])
+                    last_token_at[index] = now
                 for chunk in _chunks(
                     rid, model, run.created, index, delta, chat, started, echoes, run
                 ):
