@@ -15,7 +15,8 @@ from .loader import LoadedModel
 from .params import RequestError, SamplingParams, resolve_max_tokens
 from .scheduler import Request
 from .sequence import RequestPayload
-from .tool_grammar import forces_call
+from .tool_calls import detect_format, make_parser
+from .tool_grammar import forces_call, tool_call_grammar, validate_tools
 
 
 class Preprocessor:
@@ -36,8 +37,6 @@ class Preprocessor:
 
         tools_active = bool(msg.tools) and msg.tool_choice != "none"
         if msg.tools:
-            from .tool_grammar import validate_tools
-
             try:
                 validate_tools(msg.tools)
             except ValueError as exc:
@@ -50,8 +49,6 @@ class Preprocessor:
         guide_spec = self._guide(msg, tools_active)
         parser_factory = None
         if tools_active:
-            from .tool_calls import make_parser
-
             # Non-streamed responses report only complete calls; streams get arguments as
             # they are generated.
             parser_factory = partial(
@@ -112,7 +109,6 @@ class Preprocessor:
         spec = None
         if tools_active and forces_call(msg.tool_choice):
             from .guided import GuidedSpec
-            from .tool_grammar import tool_call_grammar
 
             try:
                 lark = tool_call_grammar(
@@ -145,9 +141,4 @@ class Preprocessor:
 
 
 def _detect_tool_format(tokenizer: Any) -> str:
-    try:
-        from .tool_calls import detect_format
-
-        return str(detect_format(tokenizer.chat_template, tokenizer.get_vocab()))
-    except ImportError:
-        return "hermes"
+    return str(detect_format(tokenizer.chat_template, tokenizer.get_vocab()))
