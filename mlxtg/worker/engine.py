@@ -160,12 +160,11 @@ class Engine:
         return deltas
 
     def _masks(self, seqs: list[Sequence]) -> np.ndarray | None:
-        guided = [i for i, s in enumerate(seqs) if s.row.guide is not None]
-        if not guided or self.guided is None:
+        """(B, V) allowed tokens for a batch with guided rows (unguided rows all True)."""
+        guides = [s.row.guide for s in seqs]
+        if self.guided is None or all(g is None for g in guides):
             return None
-        masks = np.ones((len(seqs), self.vocab_size), dtype=bool)
-        filled = self.guided.fill_masks([seqs[i].row.guide for i in guided])
-        masks[guided] = filled[:, : self.vocab_size]
+        masks: np.ndarray = self.guided.batch_masks(guides)
         return masks
 
     def _advance(self, seq: Sequence, row: int, result: Any) -> Delta:

@@ -127,7 +127,8 @@ def _build_runtime(config: Config, settings: EngineSettings) -> tuple[Any, Any, 
     try:
         from .guided import GuidedCompiler
 
-        guided = GuidedCompiler(loaded.tokenizer._tokenizer, loaded.vocab_size)
+        # The wrapper, not the HF tokenizer: the compiler reads every EOS id from it.
+        guided = GuidedCompiler(loaded.tokenizer, loaded.vocab_size)
     except ImportError:  # llguidance missing: constrained requests get a clear 400
         log.warning("llguidance is not installed: guided decoding disabled")
     cache = RamPrefixCache(settings.cache_ram_bytes, min_tokens=settings.cache_min_tokens)
