@@ -55,27 +55,29 @@ def ttft(url: str, model: str, timeout: float = 600) -> float:
 
 
 class Server:
-    def __init__(self, config: Path, home: Path):
+    """`mlxtg up` in a subprocess with its own home; `args` are extra `up` flags."""
+
+    def __init__(self, config: Path | None, home: Path, args: list[str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "MLXTG_HOME": str(home)}
         self.launched = time.perf_counter()
         self.log = (home / "server.log").open("wb")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mlxtg",
-                "up",
-                "--config",
-                str(config),
-                "--port",
-                str(self.port),
-            ],
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
+        cmd = [sys.executable, "-m", "mlxtg", "up", "--port", str(self.port), *(args or [])]
+        if config is not None:
+            cmd += ["--config", str(config)]
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("server not ready")
 
     def wait_http(self) -> None:
         deadline = time.monotonic() + 300

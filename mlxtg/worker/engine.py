@@ -9,6 +9,7 @@ forward pass over mlx-lm's BatchKVCache, whose left padding and mask keep rows a
 from __future__ import annotations
 
 import copy
+import time
 from typing import Any
 
 import mlx.core as mx
@@ -47,6 +48,8 @@ class Engine:
         self.batch: list[Sequence] = []
         self._cache: list[Any] | None = None  # one batch cache per layer, rows = self.batch
         self.tokens_generated = 0
+        self.mask_seconds = 0.0  # time spent computing guided masks in decode steps
+        self.mask_rows = 0  # guided rows masked (one per constrained token)
         self.prompt_tokens_computed = 0
 
     # --- prefill ---------------------------------------------------------------------------
@@ -153,7 +156,11 @@ class Engine:
         inputs = mx.array([s.last_token for s in self.batch])[:, None]
         logits = self.model(inputs, cache=self._cache)[:, -1, :]
         mx.async_eval(logits)
+        started = time.perf_counter()
         masks = self._masks(self.batch)  # CPU work overlapping the forward pass
+        if masks is not None:
+            self.mask_seconds += time.perf_counter() - started
+            self.mask_rows += sum(1 for s in self.batch if s.row.guide is not None)
         result = sample(logits, [s.row for s in self.batch], masks)
         deltas = [self._advance(s, i, result) for i, s in enumerate(self.batch)]
         self._drop_finished()

@@ -168,6 +168,11 @@ class EngineLoop:
             "tokens_generated": e.tokens_generated,
             "prompt_tokens_computed": e.prompt_tokens_computed,
             "kv_bytes": e.kv_bytes(),
+            "guided": {
+                "mask_seconds": round(e.mask_seconds, 4),
+                "masked_tokens": e.mask_rows,
+                **(e.guided.stats if e.guided is not None else {}),
+            },
             "prefix_cache": dict(
                 e.prefix_cache.stats, entries=len(e.prefix_cache), bytes=e.prefix_cache.nbytes
             ),
