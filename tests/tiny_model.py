@@ -20,6 +20,12 @@ ARCHS: dict[str, dict[str, Any]] = {
     "llama": {"model_type": "llama"},
     "qwen2": {"model_type": "qwen2", "attention_bias": True},
     "mistral": {"model_type": "mistral"},
+    # Sliding-window layers: RotatingKVCache, which cannot be trimmed.
+    "llama_swa": {
+        "model_type": "llama",
+        "layer_types": ["sliding_attention", "full_attention"],
+        "sliding_window": 32,
+    },
 }
 
 

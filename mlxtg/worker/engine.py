@@ -104,6 +104,10 @@ class Engine:
         result = sample(mx.repeat(logits, req.n, axis=0), rows, masks)
         deltas = [self._advance(s, i, result) for i, s in enumerate(seqs)]
         live = [s for s in seqs if not s.finished]
+        if not _plain(req.cache):
+            # Untrimmable caches (sliding window, SSM) are reused only as exact prefixes:
+            # checkpoint the prompt, which the next turn's prompt starts with.
+            self.prefix_cache.store_checkpoint(req.prompt, req.cache)
         if live:
             self._join(req.cache, live)
         if not live:

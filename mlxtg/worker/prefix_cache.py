@@ -7,6 +7,7 @@ it); any other stored entry is kept, so agents alternating long prompts keep bot
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ class _Entry:
     cache: list[Any]
     nbytes: int
     hits: int = 0
+    exact: bool = False  # a checkpoint of a cache that cannot be trimmed: whole-entry reuse only
 
 
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -36,6 +38,13 @@ def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
         return 0
     diff = np.nonzero(a[:n] != b[:n])[0]
     return int(diff[0]) if len(diff) else n
+
+
+def _nbytes(cache: Any) -> int:
+    try:
+        return int(cache.nbytes)
+    except (AttributeError, TypeError):
+        return 0
 
 
 def _trimmable(cache: list[Any]) -> bool:
@@ -83,6 +92,8 @@ class RamPrefixCache:
         best_id, best = -1, 0
         for eid, entry in self._entries.items():
             n = _common_prefix(query, entry.tokens)
+            if entry.exact and (n < len(entry.tokens) or n >= len(tokens)):
+                continue  # a checkpoint is usable only as a strict prefix of the prompt
             if n > best:
                 best_id, best = eid, n
         best = min(best, len(tokens) - 1)
@@ -103,7 +114,8 @@ class RamPrefixCache:
         reason = None
         if best < len(entry.tokens) - 1 and best < len(tokens) - 1:
             reason = f"diverged_at_token_{best}"
-        return Hit(best, _slice(entry.cache, best), "ram", reason)
+        cache = copy.deepcopy(entry.cache) if entry.exact else _slice(entry.cache, best)
+        return Hit(best, cache, "ram", reason)
 
     def store(self, tokens: list[int], cache: list[Any]) -> None:
         """Keep a batch-1 cache holding exactly `tokens`."""
@@ -111,6 +123,8 @@ class RamPrefixCache:
             return
         arr = np.asarray(tokens, dtype=np.int64)
         for eid, entry in list(self._entries.items()):
+            if entry.exact:
+                continue
             if len(entry.tokens) <= len(arr) and _common_prefix(entry.tokens, arr) == len(
                 entry.tokens
             ):
@@ -118,12 +132,33 @@ class RamPrefixCache:
             elif _common_prefix(entry.tokens, arr) == len(arr):
                 self._entries.move_to_end(eid)  # already covered by a longer entry
                 return
-        nbytes = sum(c.nbytes for c in cache)
-        if nbytes > self.max_bytes:
+        self._add(_Entry(arr, cache, sum(c.nbytes for c in cache)))
+
+    def store_checkpoint(self, tokens: list[int], cache: list[Any]) -> None:
+        """Keep a copy of a cache that cannot be trimmed (sliding-window or SSM layers),
+        holding exactly `tokens`. It is reused only by prompts that start with all of
+        `tokens`: the previous turn's prompt is such a prefix of the next turn's, so
+        multi-turn chats still skip re-prefilling their history."""
+        if len(tokens) < self.min_tokens or self.max_bytes <= 0:
             return
-        self._entries[self._next_id] = _Entry(arr, cache, nbytes)
+        arr = np.asarray(tokens, dtype=np.int64)
+        for eid, entry in list(self._entries.items()):
+            if (
+                entry.exact
+                and len(entry.tokens) == len(arr)
+                and _common_prefix(entry.tokens, arr) == len(arr)
+            ):
+                self._entries.move_to_end(eid)
+                return
+        snapshot = copy.deepcopy(cache)
+        self._add(_Entry(arr, snapshot, sum(_nbytes(c) for c in snapshot), exact=True))
+
+    def _add(self, entry: _Entry) -> None:
+        if entry.nbytes > self.max_bytes:
+            return
+        self._entries[self._next_id] = entry
         self._next_id += 1
-        self.nbytes += nbytes
+        self.nbytes += entry.nbytes
         self.stats["stored"] += 1
         while self._entries and (
             self.nbytes > self.max_bytes or len(self._entries) > self.max_entries
