@@ -30,10 +30,20 @@ def print_status(data: dict[str, Any]) -> None:
             typer.echo(f"  worker      -      model {m['name']}  {m['state']}")
             continue
         st = w.get("stats", {})
-        pc = st.get("prefix_cache", {})
+        ram = st.get("prefix_cache") or {}
+        disk = st.get("disk_cache") or {}
         typer.echo(
             f"  worker      pid {w['pid']}  model {m['name']}  {m['state']}  rss {_mb(w.get('rss_bytes'))}"
-            f"  running {st.get('running', 0)}  queued {st.get('queued', 0)}"
-            f"  generated {st.get('tokens_generated', 0)} tok  cache hits {pc.get('hits', 0)}"
             f"  up {_dur(w.get('uptime'))}  blas {w.get('facts', {}).get('blas', '-')}"
+        )
+        typer.echo(
+            f"              running {st.get('running', 0)}  queued {st.get('queued', 0)}"
+            f"  {st.get('tokens_per_s', 0)} tok/s  generated {st.get('tokens_generated', 0)} tok"
+            f"  prefilled {st.get('prompt_tokens_computed', 0)} tok"
+        )
+        typer.echo(
+            f"              cache RAM {ram.get('entries', 0)} entries {_mb(ram.get('bytes', 0))}"
+            f" hits {ram.get('hits', 0)} misses {ram.get('misses', 0)}"
+            f" | disk {disk.get('slots', 0)} slots {_mb(disk.get('bytes', 0))}"
+            f" hits {disk.get('hits', 0)} misses {disk.get('misses', 0)} corrupt {disk.get('corrupt', 0)}"
         )
