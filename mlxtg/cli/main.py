@@ -15,6 +15,8 @@ import typer
 
 from .. import __version__, paths
 from .client import ServerClient, ServerNotFound
+from .options import ConfigOpt, HostOpt, ModelOpt
+from .options import PortOpt as ListenPortOpt
 from .service import service_app
 
 app = typer.Typer(
@@ -41,14 +43,10 @@ def main(
 
 @app.command()
 def up(
-    config: Annotated[
-        Path | None, typer.Option("--config", "-c", help="models.yaml to serve.")
-    ] = None,
-    model: Annotated[
-        str | None, typer.Option("--model", "-m", help="A model path or Hugging Face id.")
-    ] = None,
-    host: Annotated[str | None, typer.Option(help="Address to listen on [127.0.0.1].")] = None,
-    port: Annotated[int | None, typer.Option(help="Port to listen on [5001].")] = None,
+    config: ConfigOpt = None,
+    model: ModelOpt = None,
+    host: HostOpt = None,
+    port: ListenPortOpt = None,
     api_key: Annotated[
         list[str] | None, typer.Option("--api-key", help="Require this Bearer key (repeatable).")
     ] = None,

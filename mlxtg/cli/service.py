@@ -31,6 +31,8 @@ from xml.sax.saxutils import escape
 import typer
 from platformdirs import user_data_dir
 
+from .options import ConfigOpt, HostOpt, ModelOpt, PortOpt
+
 LABEL = "com.mlxtg.server"
 UNIT_NAME = "mlxtg.service"
 KEYS_ENV = "MLXTG_API_KEYS"
@@ -393,14 +395,10 @@ def _render_files(
 @service_app.command(context_settings={"allow_extra_args": True})
 def install(
     ctx: typer.Context,
-    config: Annotated[
-        Path | None, typer.Option("--config", "-c", help="models.yaml to serve.")
-    ] = None,
-    model: Annotated[
-        str | None, typer.Option("--model", "-m", help="A model path or Hugging Face id.")
-    ] = None,
-    host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
-    port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+    config: ConfigOpt = None,
+    model: ModelOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
     api_key: Annotated[
         list[str] | None,
         typer.Option(
