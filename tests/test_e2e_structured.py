@@ -12,9 +12,8 @@ import re
 import jsonschema
 import openai
 import pytest
-from pydantic import BaseModel
-
 from conftest import Server
+from pydantic import BaseModel
 
 pytestmark = pytest.mark.slow
 
