@@ -182,7 +182,7 @@ class Engine:
         token = result.tokens[row]
         entry = None
         params = seq.row.params
-        if params.logprobs:
+        if params.logprobs and result.logprobs is not None:
             lp = float(result.logprobs[row, token].item())
             top = (
                 top_logprobs(result.logprobs, row, params.top_logprobs)

@@ -69,14 +69,18 @@ class RowState:
 @dataclass(slots=True)
 class SampleResult:
     tokens: list[int]
-    logprobs: mx.array  # (B, V) log-softmax of the raw model logits, for reporting
+    # (B, V) log-softmax of the raw model logits, for reporting; None when no row asked
+    # (exp is slow on x86 CPUs: a softmax over the vocabulary is not free).
+    logprobs: mx.array | None
 
 
 def sample(logits: mx.array, rows: list[RowState], masks: np.ndarray | None = None) -> SampleResult:
     """Sample one token per row of `logits` (B, V). `masks` (B, V) bool, optional,
     marks the tokens guided decoding allows (rows without a guide are all True)."""
     logits = logits.astype(mx.float32)
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    logprobs = None
+    if any(r.params.logprobs for r in rows):
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     x = logits
     vocab = x.shape[-1]
 
@@ -110,7 +114,7 @@ def sample(logits: mx.array, rows: list[RowState], masks: np.ndarray | None = No
         drawn = mx.sum(cdf < (u * cdf[:, -1])[:, None], axis=-1)
         drawn = mx.minimum(drawn, vocab - 1)
         chosen = mx.where(mx.array(greedy), argmax, drawn)
-    mx.eval(chosen, logprobs)
+    mx.eval(chosen, *(() if logprobs is None else (logprobs,)))
     tokens = [int(t) for t in np.array(chosen)]
     for r, t in zip(rows, tokens, strict=True):
         r.record(t)
