@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: up test lint unit e2e bench bench-guided blas clean
+.PHONY: up test lint unit e2e bench bench-guided bench-guided-serving bench-switch bench-agent blas clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -40,6 +40,15 @@ bench: $(STAMP)
 
 bench-guided: $(STAMP)
 	$(BIN)/python bench/bench_guided.py $(ARGS)
+
+bench-guided-serving: $(STAMP)
+	$(BIN)/python -m bench.bench_guided_serving $(ARGS)
+
+bench-switch: $(STAMP)
+	$(BIN)/python -m bench.bench_switch $(ARGS)
+
+bench-agent: $(STAMP)
+	$(BIN)/python -m bench.bench_agent $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
