@@ -37,6 +37,11 @@ def describe_blas() -> str:
         maps = Path(f"/proc/{os.getpid()}/maps").read_text()
     except OSError:
         return "unknown"
-    if "openblas" in maps.lower():
-        return "OpenBLAS (preloaded)"
+    # Look for the preloaded system library itself: numpy maps an OpenBLAS of its own
+    # (numpy.libs/libscipy_openblas...), which MLX does not use.
+    preloaded = [p for p in os.environ.get("LD_PRELOAD", "").split(":") if p]
+    for lib in preloaded + list(OPENBLAS_CANDIDATES):
+        real = os.path.realpath(lib)
+        if "openblas" in real.lower() and (lib in maps or real in maps):
+            return f"OpenBLAS ({lib})"
     return "reference BLAS bundled with mlx[cpu] (slow; install libopenblas0-pthread)"

@@ -212,7 +212,10 @@ class EngineLoop:
                 continue
             deltas: list[Delta] = []
             if plan.decode:
-                deltas += self._guarded_decode()
+                # Running streams get their token before this step's prefill work starts.
+                decoded = self._guarded_decode()
+                if decoded:
+                    io.send(Output(deltas=decoded))
             for chunk in plan.prefill:
                 deltas += self._guarded_prefill(chunk)
             self.scheduler.num_running = self.engine.running
