@@ -122,8 +122,13 @@ def test_ops_commands_evict_and_load(multi):
     while states(srv)["a-q4"] != "loaded" and time.monotonic() < deadline:
         time.sleep(0.3)
     assert states(srv)["a-q4"] == "loaded"
-    data = json.loads(cli("status", "--json"))
-    loaded = [m for m in data["models"] if m["state"] == "loaded"]
+    deadline = time.monotonic() + 10  # stats arrive with the worker's heartbeats
+    while True:
+        data = json.loads(cli("status", "--json"))
+        loaded = [m for m in data["models"] if m["state"] == "loaded"]
+        if loaded and loaded[0]["worker"]["stats"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
     assert [m["name"] for m in loaded] == ["a-q4"]
     assert loaded[0]["worker"]["stats"].keys() >= {"running", "queued", "tokens_generated"}
 

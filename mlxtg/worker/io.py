@@ -87,7 +87,9 @@ class WorkerIO(threading.Thread):
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._wake_pull, zmq.POLLIN)
-        next_beat = time.monotonic()
+        # A first heartbeat right away: status shows the worker's stats as soon as it is ready.
+        self._send_now(Heartbeat(worker_id=self._worker_id, stats=self._stats()))
+        next_beat = time.monotonic() + self._heartbeat_s
         while True:
             events = dict(poller.poll(timeout=int(self._heartbeat_s * 1000)))
             if self._wake_pull in events:
