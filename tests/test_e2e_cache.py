@@ -50,6 +50,9 @@ def test_prefix_reuse_from_ram_then_disk_after_restart(tmp_path: Path, tiny_llam
         assert warm["prompt_tokens_details"]["cached_tokens"] >= 300
         assert header.startswith("ram")
         computed_before = srv.status()["models"][0]["worker"]["stats"]["prompt_tokens_computed"]
+        stats = httpx.get(f"{srv.url}/admin/cache", timeout=10).json()
+        assert {"hits", "misses", "bytes"} <= stats["resident"]["tiny-llama"]["ram"].keys()
+        assert isinstance(stats["on_disk"], list)  # heartbeat-fresh counters, plus the files
     finally:
         assert srv.stop() == 0
     assert computed_before < 2 * cold["prompt_tokens"]

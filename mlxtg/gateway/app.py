@@ -106,6 +106,10 @@ def _admin_router() -> Any:
             raise BadRequest("model is required", param="model")
         return _reply(await client.control("load", {"model": body["model"]}, timeout=10.0))
 
+    @router.get("/admin/cache")
+    async def admin_cache(client: Client) -> dict[str, Any]:
+        return _reply(await client.control("cache_stats"))
+
     @router.post("/admin/cache/clear")
     async def admin_cache_clear(
         client: Client, body: dict[str, Any] | None = None

@@ -21,7 +21,7 @@ from typing import Any
 import zmq
 
 from .. import __version__, paths
-from ..kv_files import clear_caches
+from ..kv_files import clear_caches, list_caches
 from ..protocol import (
     Abort,
     Accepted,
@@ -494,6 +494,14 @@ class Supervisor:
             )
         if op == ControlOp.EVICT:
             return self._control_evict(msg)
+        if op == ControlOp.CACHE_STATS:
+            live = {
+                h.name: {"ram": h.stats.get("prefix_cache"), "disk": h.stats.get("disk_cache")}
+                for h in self.workers.values()
+            }
+            return ControlReply(
+                request_id=msg.request_id, ok=True, data={"resident": live, "on_disk": list_caches()}
+            )
         if op == ControlOp.CACHE_CLEAR:
             model = msg.args.get("model")
             for handle in self.workers.values():
