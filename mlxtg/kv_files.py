@@ -51,10 +51,15 @@ def list_caches(root: Path | None = None) -> list[dict[str, Any]]:
     return out
 
 
-def clear_caches(model: str | None = None, root: Path | None = None) -> list[str]:
-    """Delete the disk cache of `model` (every model when None); returns what was removed."""
+def clear_caches(
+    model: str | None = None, root: Path | None = None, skip: frozenset[str] = frozenset()
+) -> list[str]:
+    """Delete the disk cache of `model` (every model when None); returns what was removed.
+    Folders whose fingerprint is in `skip` belong to running workers, which clear their own."""
     removed = []
     for entry in list_caches(root):
+        if entry["fingerprint"] in skip:
+            continue
         if model is None or entry["model"] == model:
             shutil.rmtree(entry["path"], ignore_errors=True)
             removed.append(f"{entry['model']} ({entry['fingerprint']})")

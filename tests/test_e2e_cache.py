@@ -83,5 +83,12 @@ def test_prefix_reuse_from_ram_then_disk_after_restart(tmp_path: Path, tiny_llam
         assert "tiny-llama" in out.stdout
         miss, header = chat(again.url, "fourth question " * 3)
         assert not header.startswith("disk")
+        # Clearing right behind a request races the worker's background writes: it must
+        # never cost the worker its life.
+        for _ in range(3):
+            chat(again.url, "fifth question")
+            httpx.post(f"{again.url}/admin/cache/clear", json={"model": None}, timeout=30).raise_for_status()
+        chat(again.url, "sixth question")
+        assert again.status()["counters"]["worker_restarts"] == 0
     finally:
         assert again.stop() == 0

@@ -151,11 +151,15 @@ class DiskCache:
                 }
                 for h, b in self._blocks.items()
             }
-        if not self.dir.exists():
-            return
-        tmp = self.dir / "index.json.tmp"
-        tmp.write_text(json.dumps(data))
-        tmp.replace(self.dir / "index.json")
+        # The index only adds use counts to what the files say: failing to write it (folder
+        # removed by `mlxtg cache clear` of a stopped server, disk full) must never crash.
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.dir / "index.json.tmp"
+            tmp.write_text(json.dumps(data))
+            tmp.replace(self.dir / "index.json")
+        except OSError as exc:
+            log.warning("could not save the KV cache index: %s", exc)
 
     @property
     def nbytes(self) -> int:

@@ -203,7 +203,10 @@ class EngineLoop:
                 if isinstance(item, Abort):
                     self._abort(item.request_id)
                 elif isinstance(item, Control):  # cache clear
-                    self.engine.clear_caches()
+                    try:
+                        self.engine.clear_caches()
+                    except Exception:  # an operator action must never take the worker down
+                        log.exception("clearing the prompt cache failed")
                 elif isinstance(item, Request):
                     self._admit(item)
             # 2. One step.
