@@ -30,7 +30,13 @@ def list_caches(root: Path | None = None) -> list[dict[str, Any]]:
             index = json.loads((folder / "index.json").read_text())
         except (OSError, ValueError):
             index = {}
-        files = list(folder.glob("*/*.safetensors"))
+        files, size = [], 0
+        for f in folder.glob("*/*.safetensors"):
+            try:  # a running worker may delete blocks while we look
+                size += f.stat().st_size
+                files.append(f)
+            except OSError:
+                continue
         parents = {v.get("parent") for v in index.values()}
         block = int(meta.get("block_tokens", 0) or 0)
         out.append(
@@ -40,7 +46,7 @@ def list_caches(root: Path | None = None) -> list[dict[str, Any]]:
                 "blocks": len(files),
                 "slots": sum(1 for h in index if h not in parents) if index else len(files) and 1,
                 "tokens": len(files) * block,
-                "bytes": sum(f.stat().st_size for f in files),
+                "bytes": size,
                 "last_used": max(
                     (float(v.get("last_used", 0)) for v in index.values()), default=None
                 ),

@@ -142,7 +142,14 @@ class Supervisor:
         elif isinstance(msg, Abort):
             self._abort(msg)
         elif isinstance(msg, Control):
-            self._send_gateway(gateway, self._control(msg))
+            try:
+                reply = self._control(msg)
+            except Exception as exc:  # an operator action must never take the server down
+                log.exception("control %s failed", msg.op)
+                reply = ControlReply(
+                    request_id=msg.request_id, ok=False, error=f"{msg.op} failed: {exc}"
+                )
+            self._send_gateway(gateway, reply)
 
     def _generate(self, gateway: bytes, msg: Generate) -> None:
         spec = self.settings.find(msg.model)
@@ -500,7 +507,9 @@ class Supervisor:
                 for h in self.workers.values()
             }
             return ControlReply(
-                request_id=msg.request_id, ok=True, data={"resident": live, "on_disk": list_caches()}
+                request_id=msg.request_id,
+                ok=True,
+                data={"resident": live, "on_disk": list_caches()},
             )
         if op == ControlOp.CACHE_CLEAR:
             model = msg.args.get("model")
