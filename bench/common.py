@@ -16,21 +16,16 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from mlxtg.worker.blas import OPENBLAS_CANDIDATES, find_fast_blas  # noqa: F401 (re-exported)
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out"
 DEMO_MODEL = ROOT / "mlxtg" / "demo" / "model"
-OPENBLAS_CANDIDATES = (
-    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3",
-    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libblas.so.3",
-    "/usr/lib64/libopenblas.so.0",
-    "/usr/lib/libopenblas.so.0",
-)
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -41,12 +36,8 @@ TOKENIZER_FILES = (
 
 
 def find_openblas() -> str | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    for c in OPENBLAS_CANDIDATES:
-        if Path(c).exists():
-            return c
-    return None
+    """The OpenBLAS the mlxtg supervisor would preload (same lookup, so both servers match)."""
+    return find_fast_blas()
 
 
 def env_without_preload(blas: str | None = None) -> dict[str, str]:
