@@ -60,13 +60,13 @@ from bench.common import (  # noqa: E402
     DEMO_MODEL,
     OUT,
     ROOT,
-    env_without_preload,
     find_openblas,
     free_port,
     loadavg,
     machine_info,
-    stop_tree,
 )
+from bench.common import env_with_preload as env_without_preload  # noqa: E402
+from bench.servers import stop_tree  # noqa: E402
 
 PY = sys.executable
 RESULTS = ROOT / "bench" / "RESULTS-agent.md"
