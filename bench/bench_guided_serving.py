@@ -13,13 +13,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-from .bench_switch import DEMO, Server
+if __package__ in (None, ""):  # `python bench/bench_guided_serving.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "bench"  # noqa: A001
+
+from bench.common import DEMO_MODEL as DEMO  # noqa: E402
+from bench.common import find_openblas  # noqa: E402
+from bench.servers import Mlxtg  # noqa: E402
 
 SCHEMA = {
     "type": "object",
@@ -53,29 +60,27 @@ async def run(
         return time.perf_counter() - started, sum(tokens)
 
 
-def guided_stats(srv: Server) -> dict:
-    return srv.status()["models"][0]["worker"]["stats"]["guided"]
+def guided_stats(srv: Mlxtg) -> dict:
+    return dict(srv.worker()["stats"]["guided"])
 
 
 def measure(model: Path, concurrencies: list[int], max_tokens: int, repeats: int) -> list[str]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        srv = Server(
-            None, Path(tmp), ["--model", str(model), "--cache-ram-gb", "0", "--cache-disk-gb", "0"]
-        )
+        srv = Mlxtg(model, find_openblas(), Path(tmp), extra=["--cache-ram-gb", "0", "--cache-disk-gb", "0"])
         try:
-            srv.wait_ready()
-            name = httpx.get(f"{srv.url}/v1/models", timeout=10).json()["data"][0]["id"]
-            asyncio.run(run(srv.url, name, 2, 8, True))  # warm up (compiles the schema once)
-            asyncio.run(run(srv.url, name, 2, 8, False))
+            srv.start(timeout=600)
+            name = srv.model_field
+            asyncio.run(run(srv.base, name, 2, 8, True))  # warm up (compiles the schema once)
+            asyncio.run(run(srv.base, name, 2, 8, False))
             for c in concurrencies:
                 free, constrained, mask_ms = [], [], []
                 for _ in range(repeats):
-                    wall, tokens = asyncio.run(run(srv.url, name, c, max_tokens, False))
+                    wall, tokens = asyncio.run(run(srv.base, name, c, max_tokens, False))
                     free.append(tokens / wall)
                     time.sleep(1.2)  # let a heartbeat carry fresh counters
                     before = guided_stats(srv)
-                    wall, tokens = asyncio.run(run(srv.url, name, c, max_tokens, True))
+                    wall, tokens = asyncio.run(run(srv.base, name, c, max_tokens, True))
                     constrained.append(tokens / wall)
                     time.sleep(1.2)
                     after = guided_stats(srv)

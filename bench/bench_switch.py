@@ -14,11 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,14 +22,13 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "mlxtg" / "demo" / "model"
+if __package__ in (None, ""):  # `python bench/bench_switch.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "bench"  # noqa: A001
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from bench.common import DEMO_MODEL as DEMO  # noqa: E402
+from bench.common import find_openblas  # noqa: E402
+from bench.servers import Mlxtg  # noqa: E402
 
 
 def ttft(url: str, model: str, timeout: float = 600) -> float:
@@ -54,55 +49,17 @@ def ttft(url: str, model: str, timeout: float = 600) -> float:
     raise RuntimeError("stream ended without a token")
 
 
-class Server:
-    """`mlxtg up` in a subprocess with its own home; `args` are extra `up` flags."""
+def start(config: Path, home: Path) -> Mlxtg:
+    """`mlxtg up --config` with its own home; ready as soon as the gateway answers /health,
+    so `launched` -> first token is the whole cold start."""
+    srv = Mlxtg(None, find_openblas(), home, home=home, config=config, log_name="server.log")
+    srv.ready_path = "/health"
+    srv.start(timeout=300, poll=0.05)
+    return srv
 
-    def __init__(self, config: Path | None, home: Path, args: list[str] | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "MLXTG_HOME": str(home)}
-        self.launched = time.perf_counter()
-        self.log = (home / "server.log").open("wb")
-        cmd = [sys.executable, "-m", "mlxtg", "up", "--port", str(self.port), *(args or [])]
-        if config is not None:
-            cmd += ["--config", str(config)]
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("server not ready")
-
-    def wait_http(self) -> None:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                httpx.get(f"{self.url}/health", timeout=1)
-                return
-            except httpx.HTTPError:
-                time.sleep(0.05)
-        raise RuntimeError("gateway did not start")
-
-    def evict_all(self) -> None:
-        httpx.post(f"{self.url}/admin/evict", json={"model": None}, timeout=30).raise_for_status()
-        time.sleep(0.5)
-
-    def status(self) -> dict:
-        return httpx.get(f"{self.url}/admin/status", timeout=10).json()
-
-    def wait_standby(self) -> None:
-        time.sleep(15)  # the standby spawns once nothing is loading; give it its imports
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        self.proc.wait(timeout=60)
-        self.log.close()
+def wait_standby() -> None:
+    time.sleep(15)  # the standby spawns once nothing is loading; give it its imports
 
 
 def write_config(path: Path, model: Path, standby: bool) -> Path:
@@ -125,22 +82,21 @@ def measure(model: Path, rounds: int) -> dict[str, list[float]]:
         for standby in (False, True):
             home = Path(tmp) / f"home-{standby}"
             home.mkdir()
-            srv = Server(write_config(home / "models.yaml", model, standby), home)
+            srv = start(write_config(home / "models.yaml", model, standby), home)
             try:
-                srv.wait_http()
-                ttft(srv.url, "a")
+                ttft(srv.base, "a")
                 if not standby:
                     out["cold start"].append(time.perf_counter() - srv.launched)
                 for i in range(rounds):
                     if standby:
-                        srv.wait_standby()
+                        wait_standby()
                         out["switch, standby worker"].append(
-                            ttft(srv.url, "b" if i % 2 == 0 else "a")
+                            ttft(srv.base, "b" if i % 2 == 0 else "a")
                         )
                     else:
-                        out["switch"].append(ttft(srv.url, "b"))  # "a" is resident
+                        out["switch"].append(ttft(srv.base, "b"))  # "a" is resident
                         srv.evict_all()
-                        out["cold load"].append(ttft(srv.url, "a"))
+                        out["cold load"].append(ttft(srv.base, "a"))
             finally:
                 srv.stop()
     return out
