@@ -208,3 +208,47 @@ class CpuMeter:
         self.target_cores = tgt / el
         self.client_cores = me / el
         self.other_cores = max(busy - tgt - me, 0.0) / el
+
+
+# -- waiting for other benchmarks -----------------------------------------------------------------
+# Other servers / benchmarks: wait for them. A training only adds load: noted, not waited for.
+OTHERS = (
+    "mlxtg up",
+    "mlx_lm.server",
+    "mlxtg.worker",
+    "bench_serving",
+    "build-llama",
+    "mlxtg.gateway",
+)
+LOAD_ONLY = ("mlxtg.demo.train", "pytest")
+
+
+def others_running(load_too: bool = False) -> list[str]:
+    """Other benchmarks' servers and trainings (not this process's own children)."""
+    import psutil
+
+    mine = {os.getpid(), *(c.pid for c in psutil.Process().children(recursive=True))}
+    out = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        if p.info["pid"] in mine:
+            continue
+        cmd = " ".join(p.info.get("cmdline") or [])
+        if any(o in cmd for o in (*OTHERS, *(LOAD_ONLY if load_too else ()))) and (
+            "bench_agent" not in cmd
+        ):
+            out.append(f"pid {p.info['pid']}: {cmd[:110]}")
+    return out
+
+
+def wait_quiet(limit: float) -> list[str]:
+    """Wait (up to `limit` s) until no other server / training runs; returns what still runs."""
+    deadline = time.time() + limit
+    said = False
+    while True:
+        busy = others_running()
+        if not busy or time.time() > deadline:
+            return busy
+        if not said:
+            log(f"waiting up to {limit:.0f}s for other runs to finish:\n  " + "\n  ".join(busy))
+            said = True
+        time.sleep(15)

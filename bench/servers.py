@@ -298,6 +298,10 @@ class VllmMlx(Server):
         if self.max_batch:
             self.cmd += ["--continuous-batching", "--max-num-seqs", str(self.max_batch)]
         self.env = env_with_preload(self.blas)
+        # It persists its prefix cache under ~/.cache/vllm-mlx and reloads it at start: keep
+        # that inside this run's work dir.
+        self.env["HOME"] = str(self.workdir / "vllm_mlx_home")
+        Path(self.env["HOME"]).mkdir(parents=True, exist_ok=True)
 
     def after_ready(self) -> None:
         import httpx

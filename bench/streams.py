@@ -186,3 +186,100 @@ def summarize(t0: float, results: list[StreamResult], max_tokens: int) -> dict[s
         "stream_gap_p50_ms": pct(stream_gaps, 0.5),
         "stream_gap_max_ms": max(stream_gaps) if stream_gaps else float("nan"),
     }
+
+
+# -- the agent benchmark's client: one request, its reply, usage and cache header ----------------
+@dataclass
+class Reply:
+    ok: bool = False
+    error: str | None = None
+    status: int | None = None
+    ttft: float | None = None  # s, send -> first streamed chunk of a choice (the first token)
+    ttft_content: float | None = None  # s, send -> first chunk with non-empty content / call
+    first_chunk: float | None = None  # s, send -> first data event of any kind
+    total: float | None = None
+    content: str = ""
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None  # None: the server did not report it
+    cache_header: str | None = None
+    raw_usage: dict[str, Any] | None = None
+
+
+def stream_chat(client: Any, url: str, body: dict[str, Any], timeout: float) -> Reply:
+    rep = Reply()
+    calls: dict[int, dict[str, Any]] = {}
+    t0 = time.perf_counter()
+    try:
+        with client.stream("POST", url, json=body, timeout=timeout) as resp:
+            rep.status = resp.status_code
+            rep.cache_header = resp.headers.get("x-mlxtg-cache")
+            if resp.status_code != 200:
+                rep.error = f"HTTP {resp.status_code}: {resp.read().decode(errors='replace')[:800]}"
+                return rep
+            for line in resp.iter_lines():
+                if time.perf_counter() - t0 > timeout:
+                    raise TimeoutError(f"timed out after {timeout:.0f}s")
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                now = time.perf_counter() - t0
+                if data == "[DONE]":
+                    break
+                obj = json.loads(data)
+                if "error" in obj:
+                    rep.error = f"error event: {json.dumps(obj)[:800]}"
+                    return rep
+                if rep.first_chunk is None:
+                    rep.first_chunk = now
+                if obj.get("usage"):
+                    u = obj["usage"]
+                    rep.raw_usage = u
+                    rep.prompt_tokens = u.get("prompt_tokens")
+                    rep.completion_tokens = u.get("completion_tokens")
+                    det = u.get("prompt_tokens_details") or {}
+                    if "cached_tokens" in det:
+                        rep.cached_tokens = det["cached_tokens"]
+                for ch in obj.get("choices") or []:
+                    if rep.ttft is None:
+                        rep.ttft = now
+                    delta = ch.get("delta") or {}
+                    got = False
+                    if delta.get("content"):
+                        rep.content += delta["content"]
+                        got = True
+                    for tc in delta.get("tool_calls") or []:
+                        got = True
+                        slot = calls.setdefault(
+                            int(tc.get("index", len(calls))),
+                            {
+                                "id": None,
+                                "type": "function",
+                                "function": {"name": "", "arguments": ""},
+                            },
+                        )
+                        if tc.get("id"):
+                            slot["id"] = tc["id"]
+                        fn = tc.get("function") or {}
+                        if fn.get("name"):
+                            slot["function"]["name"] += fn["name"]
+                        if fn.get("arguments"):
+                            slot["function"]["arguments"] += fn["arguments"]
+                    if got and rep.ttft_content is None:
+                        rep.ttft_content = now
+                    if ch.get("finish_reason"):
+                        rep.finish_reason = ch["finish_reason"]
+        rep.total = time.perf_counter() - t0
+        rep.tool_calls = [calls[k] for k in sorted(calls)]
+        for i, c in enumerate(rep.tool_calls):
+            c["id"] = c["id"] or f"call_{i}"
+        rep.ok = True
+        if rep.ttft is None:  # no choice chunk at all: count the first event instead
+            rep.ttft = rep.first_chunk if rep.first_chunk is not None else rep.total
+        if rep.ttft_content is None:
+            rep.ttft_content = rep.total
+    except Exception as exc:  # noqa: BLE001 - recorded, never raised
+        rep.error = f"{type(exc).__name__}: {exc}"
+    return rep
