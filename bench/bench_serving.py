@@ -233,7 +233,7 @@ def run_plan(plan: Plan, args: argparse.Namespace, incidents: list[str], quiet: 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench.bench_serving", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="demo,big", help="comma list of demo, big, or model folders")
+    ap.add_argument("--models", help="comma list of demo, big, or model folders [demo,big; --quick: demo]")
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--c32", action="store_true", help="also measure 32 streams")
     ap.add_argument("--rounds", type=int, default=3)
@@ -262,9 +262,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--from-json", metavar="PATH", help="re-render a saved run instead of measuring")
     a = ap.parse_args(argv)
     if a.quick:
-        a.models = "demo" if a.models == "demo,big" else a.models
         a.concurrency, a.max_tokens, a.big_max_tokens = "1,4", 8, 8
         a.rounds, a.single_repeats, a.blas_compare, a.quiet_budget = 1, 1, False, 0
+    a.models = a.models or ("demo" if a.quick else "demo,big")
     if a.c32 and "32" not in a.concurrency.split(","):
         a.concurrency += ",32"
     a.systems = [s.strip() for s in a.systems.split(",") if s.strip()]

@@ -248,8 +248,8 @@ def auto_notes(report: dict[str, Any]) -> list[str]:
                          f"{pc.get('hit_tokens')} tokens reused, {pc.get('misses')} misses.")
     if any("vllm_mlx" in r.get("servers", {}) for r in report["results"]):
         notes.append("vllm-mlx 0.6.0 (own venv, `--continuous-batching`) ignores `logit_bias` in its batched "
-                     "engine (its simple engine honours it), so its requests stop at EOS and its rows count "
-                     "fewer tokens than max_tokens (the 'wrong counts' column): compare its rates with care.")
+                     "engine (its simple engine honours it), so its requests can stop at EOS before max_tokens "
+                     "(counted in the 'wrong counts' column): compare its rates with care.")
     notes.append("Every prompt opens its system message with its own number, so the prompts share only "
                  "`<|im_start|>system\\nNote ` (below mlxtg's 16-token minimum) and no server can skip "
                  "prefill work the ceiling does.")
