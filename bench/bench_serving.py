@@ -90,9 +90,9 @@ class Plan:
     max_tokens: int
 
 
-def start_systems(plan: Plan, args: argparse.Namespace, work: Path, out: dict[str, Any]
-                  ) -> tuple[dict[str, Server], Ceiling | None]:
-    servers: dict[str, Server] = {}
+def start_systems(plan: Plan, args: argparse.Namespace, work: Path, out: dict[str, Any],
+                  servers: dict[str, Server]) -> Ceiling | None:
+    """Start every server (into `servers` as it goes, so the caller stops what did start)."""
     if "mlxtg" in args.systems:
         servers["mlxtg"] = Mlxtg(plan.model, plan.blas, work, args.max_batch)
     if "mlx_lm" in args.systems:
@@ -109,7 +109,7 @@ def start_systems(plan: Plan, args: argparse.Namespace, work: Path, out: dict[st
         ceiling = Ceiling(plan.model, plan.blas, work)
         out["ceiling_info"] = ceiling.start(args.start_timeout)
         log(f"ceiling worker up: {out['ceiling_info']}")
-    return servers, ceiling
+    return ceiling
 
 
 def warm_up(servers: dict[str, Server], ceiling: Ceiling | None, eos: list[int], args: argparse.Namespace,
@@ -175,7 +175,7 @@ def run_plan(plan: Plan, args: argparse.Namespace, incidents: list[str], quiet: 
     servers: dict[str, Server] = {}
     ceiling: Ceiling | None = None
     try:
-        servers, ceiling = start_systems(plan, args, work, out)
+        ceiling = start_systems(plan, args, work, out, servers)
         warm_up(servers, ceiling, eos, args, out, incidents, plan.label)
         keys = [*servers, *(["ceiling"] if ceiling else [])]
         pids = [p for s in servers.values() for p in s.pids()] + (ceiling.pids() if ceiling else [])

@@ -54,7 +54,11 @@ class Ceiling:
             bufsize=1,
             start_new_session=True,
         )
-        return self._read(timeout)
+        try:
+            return self._read(timeout)
+        except Exception:
+            self.stop()
+            raise
 
     def call(self, timeout: float, **cmd: Any) -> dict[str, Any]:
         assert self.proc and self.proc.stdin

@@ -144,7 +144,9 @@ class Server:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited {self.proc.returncode}; log tail:\n{self.tail()}")
+                code = self.proc.returncode
+                self.stop()  # its gateway or workers may still run
+                raise RuntimeError(f"{self.name} exited {code}; log tail:\n{self.tail()}")
             try:
                 if httpx.get(self.base + self.ready_path, timeout=2.0).status_code == 200:
                     self.after_ready()
@@ -153,6 +155,7 @@ class Server:
             except httpx.HTTPError:
                 pass
             time.sleep(poll)
+        self.stop()
         raise RuntimeError(f"{self.name} not ready after {timeout:.0f}s; log tail:\n{self.tail()}")
 
     def after_ready(self) -> None:
