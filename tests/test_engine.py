@@ -8,19 +8,28 @@ import pytest
 from tiny_model import build_model
 
 from mlxtg.models import ModelSpec
-from mlxtg.protocol import Generate
+from mlxtg.protocol import Accepted, Generate, Output
 from mlxtg.worker.engine import Engine
 from mlxtg.worker.loader import load
 from mlxtg.worker.params import SamplingParams
 from mlxtg.worker.prefix_cache import RamPrefixCache
 from mlxtg.worker.preprocess import Preprocessor
+from mlxtg.worker.prompt_cache import PromptCache
 from mlxtg.worker.scheduler import Request, Scheduler
 
 
 class Harness:
-    def __init__(self, path: Path, cache_bytes: int = 1 << 30):
+    """Drives `Engine.step` directly: no sockets, no threads."""
+
+    def __init__(self, path: Path, cache_bytes: int = 1 << 30, batched: bool = True):
         self.loaded = load(ModelSpec(model_id_or_path=str(path)))
-        self.engine = Engine(self.loaded, RamPrefixCache(cache_bytes, min_tokens=4))
+        scheduler = Scheduler(max_batch=32, max_queued=64, chunk_tokens=16, padded=batched)
+        self.engine = Engine(
+            self.loaded,
+            PromptCache(RamPrefixCache(cache_bytes, min_tokens=4)),
+            scheduler=scheduler,
+            batched_prefill=batched,
+        )
         self.pre = Preprocessor(self.loaded)
 
     def request(self, rid: str, messages: list[dict], **params) -> Request:
@@ -28,24 +37,19 @@ class Harness:
         return self.pre(Generate(request_id=rid, model="m", params=p.to_wire(), messages=messages))
 
     def run(self, reqs: list[Request]) -> tuple[dict[str, list[int]], dict[str, int]]:
-        sch = Scheduler(max_batch=32, max_queued=64, chunk_tokens=16)
         out: dict[str, list[int]] = {}
         cached = {}
-        for r in reqs:
-            sch.add(r)
-            cached[r.request_id] = self.engine.attach_prefix(r)[0]
-        while not sch.idle or self.engine.running:
-            plan = sch.schedule()
-            deltas = self.engine.decode() if plan.decode else []
-            for chunk in plan.prefill:
-                logits = self.engine.prefill(chunk)
-                sch.complete(chunk)
-                if logits is not None:
-                    deltas += self.engine.start(chunk.request, logits)
-            sch.num_running = self.engine.running
-            for d in deltas:
-                out.setdefault(d.request_id, []).extend(d.token_ids)
-        return out, cached
+        messages = self.engine.step(reqs)
+        while True:
+            for m in messages:
+                if isinstance(m, Accepted):
+                    cached[m.request_id] = m.cached_tokens
+                elif isinstance(m, Output):
+                    for d in m.deltas:
+                        out.setdefault(d.request_id, []).extend(d.token_ids)
+            if self.engine.idle:
+                return out, cached
+            messages = self.engine.step()
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "llama_swa"])

@@ -11,12 +11,16 @@ def run_plan(s, plan):
     for chunk in plan.prefill:
         s.complete(chunk)
         if chunk.is_last:
-            s.num_running += chunk.request.n
+            s.join([chunk.request.request_id] * chunk.request.n)
+
+
+def running(s, count):
+    s.running = [f"seq{i}" for i in range(count)]
 
 
 def test_long_prompt_is_chunked_and_never_blocks_decode():
     s = Scheduler(max_batch=8, max_queued=8, chunk_tokens=512)
-    s.num_running = 3
+    running(s, 3)
     s.add(req("long", 4096))
     steps = 0
     while s.waiting:
@@ -30,21 +34,46 @@ def test_long_prompt_is_chunked_and_never_blocks_decode():
 
 def test_short_prompts_share_one_step_within_budget():
     s = Scheduler(max_batch=32, max_queued=64, chunk_tokens=512)
-    for i in range(10):
+    running(s, 1)
+    for i in range(14):
         s.add(req(f"r{i}", 40))
     plan = s.schedule()
-    assert [c.request.request_id for c in plan.prefill] == [f"r{i}" for i in range(10)]
-    assert all(c.is_last for c in plan.prefill)
+    # One padded batch: 12 rows x 40 tokens fit 512, a 13th would not.
+    assert [c.request.request_id for c in plan.final] == [f"r{i}" for i in range(12)]
+    assert plan.partial is None and all(c.is_last for c in plan.final)
+
+
+def test_padded_cost_counts_the_longest_rest():
+    s = Scheduler(max_batch=32, max_queued=64, chunk_tokens=512)
+    running(s, 1)
+    s.add(req("short", 10))
+    s.add(req("long", 300))
+    plan = s.schedule()
+    assert [c.request.request_id for c in plan.final] == ["short"]  # 2 x 300 > 512
+    unpadded = Scheduler(max_batch=32, max_queued=64, chunk_tokens=512, padded=False)
+    running(unpadded, 1)
+    unpadded.add(req("short", 10))
+    unpadded.add(req("long", 300))
+    assert len(unpadded.schedule().final) == 2
+
+
+def test_nothing_running_gets_the_idle_budget():
+    s = Scheduler(max_batch=32, max_queued=64, chunk_tokens=512, idle_chunk_tokens=2048)
+    for i in range(16):
+        s.add(req(f"r{i}", 100))
+    assert len(s.schedule().final) == 16  # arrivals that came together start together
+    running(s, 1)
+    assert len(s.schedule().final) == 5
 
 
 def test_batch_limit_holds_requests_back_in_order():
     s = Scheduler(max_batch=4, max_queued=64, chunk_tokens=4096)
-    s.num_running = 3
+    running(s, 3)
     s.add(req("a", 10, n=2))
     s.add(req("b", 10, n=1))
     plan = s.schedule()
     assert plan.prefill == []  # "a" needs 2 slots, only 1 free: FIFO, b waits too
-    s.num_running = 2
+    running(s, 2)
     plan = s.schedule()
     assert [c.request.request_id for c in plan.prefill] == ["a"]
 

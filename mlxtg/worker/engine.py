@@ -1,118 +1,302 @@
-"""The MLX side of a step: chunked prefill, the batched decode forward pass, sampling.
+"""The engine step: schedule -> run -> postprocess, with no sockets in it (DESIGN.md §3).
 
-Prefill runs one request at a time with batch size 1 (so its numerics never depend on
-what else runs). When a prompt is done its cache is merged into the decode batch, one
-row per choice (`n > 1` shares the prefill). Decode runs every running sequence in one
-forward pass over mlx-lm's BatchKVCache, whose left padding and mask keep rows apart.
+`step(inputs)` takes what arrived since the last step (requests, aborts, cache clears)
+and returns the protocol messages to send (ACCEPTED, OUTPUT, ERROR). Tests drive it
+directly; the worker's loop only moves inputs in and messages out.
+
+One step:
+1. admit new requests (prompt-cache lookup, ACCEPTED) and apply aborts;
+2. decode: sample the tokens of the forward pass queued last step, queue the next forward
+   pass at once, then post-process the sampled tokens while the model runs (pipelining);
+3. prefill what the scheduler planned: prompts that finish this step run as one padded
+   batch, sample their first token and join the decode batch.
+The scheduler owns the queues, the model runner the tensors, the prompt cache RAM vs disk.
 """
 
 from __future__ import annotations
 
-import copy
+import logging
 import time
+from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import make_prompt_cache
 
-from ..protocol import Delta
-from .disk_cache import DiskCache
+from ..protocol import Abort, Accepted, Control, Delta, Error, FinishReason, Message, Output
 from .loader import LoadedModel
-from .prefix_cache import RamPrefixCache
-from .sampler import RowState, sample, top_logprobs
-from .scheduler import PrefillChunk, Request
+from .params import RequestError
+from .prompt_cache import PromptCache, plain
+from .runner import ModelRunner
+from .sampler import RowState, sample, sample_lazy, top_logprobs
+from .scheduler import PrefillChunk, QueueFull, Request, Scheduler
 from .sequence import RequestPayload, Sequence, logprob_entry
 from .text import TextStream, TokenBytes
 
+log = logging.getLogger("mlxtg.worker")
+
+PUBLISH_EVERY_S = 0.2  # how fresh the stats snapshot the I/O thread reads is
+
 
 class Engine:
-    """Owns the model, the decode batch and its KV cache. Called from one thread only."""
+    """One worker's generation engine. Called from one thread only (the MLX thread)."""
 
     def __init__(
         self,
         loaded: LoadedModel,
-        prefix_cache: RamPrefixCache,
+        prompt_cache: PromptCache,
         guided: Any = None,
-        disk: DiskCache | None = None,
+        scheduler: Scheduler | None = None,
+        batched_prefill: bool = True,
     ):
         self.loaded = loaded
-        self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.vocab_size = loaded.vocab_size
         self.eos_ids = frozenset(loaded.eos_ids)
-        self.prefix_cache = prefix_cache
-        self.disk = disk
+        self.prompt_cache = prompt_cache
         self.guided = guided  # GuidedCompiler or None
+        self.batched_prefill = batched_prefill
+        self.scheduler = scheduler or Scheduler(padded=batched_prefill)
+        self.runner = ModelRunner(loaded.model)
         self.token_bytes = TokenBytes(loaded.tokenizer._tokenizer)
-        self.batch: list[Sequence] = []
-        self._cache: list[Any] | None = None  # one batch cache per layer, rows = self.batch
         self.tokens_generated = 0
         self.mask_seconds = 0.0  # time spent computing guided masks in decode steps
         self.mask_rows = 0  # guided rows masked (one per constrained token)
-        self.prompt_tokens_computed = 0
+        self.steps = 0
+        self._published = 0.0
+        self.snapshot: dict[str, Any] = {}
+        self.publish()
 
-    # --- prefill ---------------------------------------------------------------------------
+    @property
+    def idle(self) -> bool:
+        return self.scheduler.idle
 
-    def attach_prefix(self, req: Request) -> tuple[int, str, str | None]:
-        """Start a request from the longest cached prefix of its prompt, from RAM or disk
-        (first-class path: any cache handed over here just needs to hold exactly
-        `num_computed` tokens). Returns (cached tokens, source, miss reason)."""
+    # --- the step --------------------------------------------------------------------------
+
+    def step(
+        self,
+        inputs: Iterable[Any] = (),
+        flush: Callable[[list[Message]], None] | None = None,
+    ) -> list[Message]:
+        """Run one engine step. With `flush`, the decode tokens are handed over before the
+        step's prefill work starts (streams never wait for arrivals' prefill) and only the
+        rest is returned."""
+        out: list[Message] = []
+        # 1. Inputs.
+        for item in inputs:
+            if isinstance(item, Request):
+                out += self._admit(item)
+            elif isinstance(item, Abort):
+                deltas = self._abort(item.request_id)
+                if deltas:
+                    out.append(Output(deltas=deltas))
+            elif isinstance(item, Control):
+                self.prompt_cache.clear()
+        # 2. Decode.
+        decoded, failed = self._guarded(self._decode, self.scheduler.running)
+        out += failed
+        if decoded:
+            out.append(Output(deltas=decoded))
+        if flush is not None and out:
+            flush(out)
+            out = []
+        # 3. Prefill.
+        out += self._prefill()
+        self.steps += 1
+        self.publish(force=self.idle)
+        return out
+
+    # --- 1. admission and aborts -----------------------------------------------------------
+
+    def _admit(self, req: Request) -> list[Message]:
+        try:
+            self.scheduler.add(req)
+        except QueueFull:
+            return [
+                Error(
+                    request_id=req.request_id,
+                    status=429,
+                    message="the model's request queue is full; retry shortly",
+                    type="rate_limit_error",
+                    code="queue_full",
+                    retry_after=1.0,
+                )
+            ]
         session = getattr(req.payload, "cache_key", None)
-        hit = self.prefix_cache.lookup(req.prompt)
-        source, reason, cache, n = hit.source, hit.miss_reason, hit.cache, hit.tokens
-        if self.disk is not None:
-            self.disk.touch_session(session, req.prompt)
-            on_disk = min(self.disk.match(req.prompt), len(req.prompt) - 1)
-            if on_disk > n and on_disk >= self.disk.min_tokens:
-                layers = self.disk.load(req.prompt, self.disk.match(req.prompt))
-                if layers is not None:
-                    cache, n, source, reason = _cache_from(layers, on_disk), on_disk, "disk", None
-                elif cache is None:
-                    reason = "corrupt"
-            elif cache is None and on_disk > 0:
-                reason = "below_minimum"
-                self.disk.stats.misses += 1
-            elif cache is None:
-                self.disk.stats.misses += 1
-                reason = self.disk.explain_miss(req.prompt) or reason
-        if cache is None:
-            cache, n = make_prompt_cache(self.model), 0
-        req.cache = cache
-        req.num_computed = n
-        return n, source, reason
+        found = self.prompt_cache.lookup(req.prompt, session)
+        req.cache = found.cache if found.cache is not None else self.runner.new_cache()
+        req.num_computed = found.tokens if found.cache is not None else 0
+        return [
+            Accepted(
+                request_id=req.request_id,
+                prompt_tokens=len(req.prompt),
+                cached_tokens=req.num_computed,
+                cache_source=found.source,
+                cache_miss_reason=found.miss_reason,
+            )
+        ]
 
-    def prefill(self, chunk: PrefillChunk) -> mx.array | None:
-        """Run one chunk of a prompt; on the last chunk return the next-token logits (1, V)."""
-        req = chunk.request
-        tokens = mx.array(req.prompt[chunk.start : chunk.end])[None]
-        logits = self.model(tokens, cache=req.cache)
-        self.prompt_tokens_computed += chunk.end - chunk.start
-        if chunk.is_last:
-            last = logits[:, -1, :]
-            mx.eval(last)
-            return last
-        mx.eval([c.state for c in req.cache])
-        return None
+    def _abort(self, request_id: str) -> list[Delta]:
+        running = self.scheduler.running
+        deltas = [s.abort() for s in running if s.request_id == request_id]
+        if deltas:
+            self._keep(lambda s: s.request_id != request_id)
+        if self.scheduler.remove(request_id) is not None:
+            deltas.append(Delta(request_id=request_id, finish_reason=FinishReason.ABORT))
+        return deltas
 
-    def start(self, req: Request, logits: mx.array) -> list[Delta]:
-        """Turn a prefilled request into `n` running sequences and emit their first tokens."""
-        payload: RequestPayload = req.payload
-        seqs = [self._new_sequence(req, payload, i) for i in range(req.n)]
-        rows = [s.row for s in seqs]
-        masks = self._masks(seqs)
-        result = sample(mx.repeat(logits, req.n, axis=0), rows, masks)
+    # --- 2. decode -------------------------------------------------------------------------
+
+    def _decode(self) -> list[Delta]:
+        running = self.scheduler.running
+        if not running:
+            return []
+        k = self.runner.pending_rows
+        rows = running[:k]  # rows whose logits are in flight; the rest joined since
+        pending = None
+        if rows:
+            started = time.perf_counter()
+            masks = self._masks(rows)  # CPU work overlapping the forward pass in flight
+            if masks is not None:
+                self.mask_seconds += time.perf_counter() - started
+                self.mask_rows += sum(1 for s in rows if s.row.guide is not None)
+            assert self.runner.pending is not None
+            pending = sample_lazy(self.runner.pending, [s.row for s in rows], masks)
+            # Scheduled before the next forward pass, so reading it back does not wait for it.
+            mx.async_eval(pending.chosen)
+        fresh = [s.last_token for s in running[k:]]
+        parts = [pending.chosen] if pending is not None else []
+        if fresh:
+            parts.append(mx.array(fresh, dtype=mx.int32))
+        # Skip the next forward pass only when every row surely ends with this token.
+        if fresh or any(len(s.output) + 1 < s.max_tokens for s in rows):
+            self.runner.queue_decode(parts[0] if len(parts) == 1 else mx.concatenate(parts))
+        else:
+            self.runner.pending = None
+        deltas: list[Delta] = []
+        if pending is not None:
+            result = pending.result()
+            deltas = [self._advance(s, i, result) for i, s in enumerate(rows)]
+        self._drop_finished()
+        return deltas
+
+    def _masks(self, seqs: list[Sequence]) -> np.ndarray | None:
+        """(B, V) allowed tokens for a batch with guided rows (unguided rows all True)."""
+        guides = [s.row.guide for s in seqs]
+        if self.guided is None or all(g is None for g in guides):
+            return None
+        masks: np.ndarray = self.guided.batch_masks(guides)
+        return masks
+
+    def _advance(self, seq: Sequence, row: int, result: Any) -> Delta:
+        token = result.tokens[row]
+        entry = None
+        params = seq.row.params
+        if params.logprobs and result.logprobs is not None:
+            lp = float(result.logprobs[row, token].item())
+            top = (
+                top_logprobs(result.logprobs, row, params.top_logprobs)
+                if params.top_logprobs
+                else []
+            )
+            entry = logprob_entry(self.token_bytes, token, lp, top)
+        self.tokens_generated += 1
+        return seq.advance(token, entry)
+
+    def _drop_finished(self) -> None:
+        running = self.scheduler.running
+        if not any(s.finished for s in running):
+            return
+        if self.prompt_cache.enabled and self.runner.cache is not None:
+            for i, s in enumerate(running):
+                if s.finished and s.index == 0 and s.finish_reason != FinishReason.ERROR:
+                    # The cache holds the prompt and the output tokens fed back so far.
+                    cache = self.runner.extract(i)
+                    size = cache[0].offset if cache else 0
+                    tokens = (s.prompt + s.output)[:size]
+                    if len(tokens) == size:
+                        self.prompt_cache.store(tokens, cache, s.session)
+        self._keep(lambda s: not s.finished)
+
+    def _keep(self, keep: Callable[[Sequence], bool]) -> None:
+        total = len(self.scheduler.running)
+        self.runner.keep(self.scheduler.keep(keep), total)
+
+    # --- 3. prefill ------------------------------------------------------------------------
+
+    def _prefill(self) -> list[Message]:
+        plan = self.scheduler.schedule()
+        out: list[Message] = []
+        if plan.partial is not None:
+            chunk = plan.partial
+            req = chunk.request
+            _, failed = self._guarded(
+                lambda: self.runner.prefill_chunk(req.cache, req.prompt[chunk.start : chunk.end]),
+                [req],
+            )
+            if not failed:
+                self.scheduler.complete(chunk)
+            out += failed
+        deltas: list[Delta] = []
+        for group in self._groups(plan.final):
+            started, failed = self._guarded(partial(self._start, group), [c.request for c in group])
+            deltas += started or []
+            out += failed
+        if deltas:
+            out.append(Output(deltas=deltas))
+        return out
+
+    def _groups(self, chunks: list[PrefillChunk]) -> list[list[PrefillChunk]]:
+        """Prompts that finish together run as one batch when their caches allow it."""
+        if not self.batched_prefill or len(chunks) < 2:
+            return [[c] for c in chunks]
+        batch = [c for c in chunks if plain(c.request.cache)]
+        alone = [[c] for c in chunks if not plain(c.request.cache)]
+        return ([batch] if batch else []) + alone
+
+    def _start(self, chunks: list[PrefillChunk]) -> list[Delta]:
+        """Prefill the rests of these prompts, sample every choice's first token, and
+        join the choices that go on into the decode batch."""
+        reqs = [c.request for c in chunks]
+        rests = [r.prompt[c.start :] for r, c in zip(reqs, chunks, strict=True)]
+        batch: list[Any] | None = None
+        if len(reqs) == 1:
+            logits = self.runner.prefill_alone(reqs[0].cache, rests[0])
+        else:
+            batch, logits = self.runner.prefill_batch([r.cache for r in reqs], rests)
+        for c in chunks:
+            self.scheduler.complete(c)
+
+        seqs: list[Sequence] = []
+        owner: list[int] = []  # which prompt (row of `logits`) each choice comes from
+        for i, r in enumerate(reqs):
+            for j in range(r.n):
+                seqs.append(self._new_sequence(r, r.payload, j))
+                owner.append(i)
+        if owner != list(range(len(reqs))):
+            logits = logits[mx.array(owner)]
+        result = sample(logits, [s.row for s in seqs], self._masks(seqs))
         deltas = [self._advance(s, i, result) for i, s in enumerate(seqs)]
-        live = [s for s in seqs if not s.finished]
-        if not _plain(req.cache):
-            # Untrimmable caches (sliding window, SSM) are reused only as exact prefixes:
-            # checkpoint the prompt, which the next turn's prompt starts with.
-            self.prefix_cache.store_checkpoint(req.prompt, req.cache)
+
+        live = [k for k, s in enumerate(seqs) if not s.finished]
+        for i, r in enumerate(reqs):
+            session = r.payload.cache_key
+            if not plain(r.cache):
+                self.prompt_cache.checkpoint(r.prompt, r.cache)
+            if not any(owner[k] == i for k in live):
+                # Every choice ended at its first token: the prompt's cache is still worth keeping.
+                cache = r.cache if batch is None else [c.extract(i) for c in batch]
+                self.prompt_cache.store_prompt(r.prompt, cache, session)
         if live:
-            self._join(req.cache, live)
-        if not live:
-            self._store_prompt(req.prompt, req.cache, payload.cache_key)
-        req.cache = None
+            if batch is None:
+                rows = self.runner.as_batch(reqs[0].cache, len(live))
+            else:
+                rows = self.runner.select(batch, [owner[k] for k in live])
+            self.runner.join(rows)
+            self.scheduler.join([seqs[k] for k in live])
+        for r in reqs:
+            r.cache = None
         return deltas
 
     def _new_sequence(self, req: Request, payload: RequestPayload, index: int) -> Sequence:
@@ -140,133 +324,59 @@ class Engine:
             parser=payload.parser_factory() if payload.parser_factory else None,
         )
 
-    def _join(self, cache: list[Any], seqs: list[Sequence]) -> None:
-        rows = [c.merge([c] * len(seqs)) if hasattr(c, "merge") else None for c in cache]
-        if any(r is None for r in rows):
-            raise RuntimeError("this model's cache type cannot be batched")
-        if self._cache is None or not self.batch:
-            self._cache = rows
-        else:
-            for mine, new in zip(self._cache, rows, strict=True):
-                mine.extend(new)
-        self.batch.extend(seqs)
+    # --- faults ----------------------------------------------------------------------------
 
-    # --- decode ----------------------------------------------------------------------------
+    def _guarded(self, work: Callable[[], Any], victims: list[Any]) -> tuple[Any, list[Message]]:
+        """Run `work`; if it raises, fail only the requests it was for (running sequences
+        or waiting requests), so one request's fault never harms the others."""
+        try:
+            return work(), []
+        except Exception as exc:
+            log.exception("engine step failed")
+            rids = list(dict.fromkeys(v.request_id for v in victims))
+            for rid in rids:
+                self._abort(rid)
+            if victims is self.scheduler.running or any(isinstance(v, Sequence) for v in victims):
+                self.runner.pending = None
+            status = exc.status if isinstance(exc, RequestError) else 500
+            return None, [
+                Error(
+                    request_id=rid,
+                    status=status,
+                    message=f"generation failed: {exc}",
+                    type="server_error" if status >= 500 else "invalid_request_error",
+                )
+                for rid in rids
+            ]
 
-    def decode(self) -> list[Delta]:
-        """One token for every running sequence."""
-        if not self.batch:
-            return []
-        inputs = mx.array([s.last_token for s in self.batch])[:, None]
-        logits = self.model(inputs, cache=self._cache)[:, -1, :]
-        mx.async_eval(logits)
-        started = time.perf_counter()
-        masks = self._masks(self.batch)  # CPU work overlapping the forward pass
-        if masks is not None:
-            self.mask_seconds += time.perf_counter() - started
-            self.mask_rows += sum(1 for s in self.batch if s.row.guide is not None)
-        result = sample(logits, [s.row for s in self.batch], masks)
-        deltas = [self._advance(s, i, result) for i, s in enumerate(self.batch)]
-        self._drop_finished()
-        return deltas
+    # --- stats -----------------------------------------------------------------------------
 
-    def _masks(self, seqs: list[Sequence]) -> np.ndarray | None:
-        """(B, V) allowed tokens for a batch with guided rows (unguided rows all True)."""
-        guides = [s.row.guide for s in seqs]
-        if self.guided is None or all(g is None for g in guides):
-            return None
-        masks: np.ndarray = self.guided.batch_masks(guides)
-        return masks
-
-    def _advance(self, seq: Sequence, row: int, result: Any) -> Delta:
-        token = result.tokens[row]
-        entry = None
-        params = seq.row.params
-        if params.logprobs and result.logprobs is not None:
-            lp = float(result.logprobs[row, token].item())
-            top = (
-                top_logprobs(result.logprobs, row, params.top_logprobs)
-                if params.top_logprobs
-                else []
-            )
-            entry = logprob_entry(self.token_bytes, token, lp, top)
-        self.tokens_generated += 1
-        return seq.advance(token, entry)
-
-    # --- leaving the batch -----------------------------------------------------------------
-
-    def _drop_finished(self) -> None:
-        if not any(s.finished for s in self.batch):
+    def publish(self, force: bool = False) -> None:
+        """Replace the stats snapshot the I/O thread reads (it never reads live state)."""
+        now = time.monotonic()
+        if not force and now - self._published < PUBLISH_EVERY_S:
             return
-        self._store_finished()
-        self._keep([i for i, s in enumerate(self.batch) if not s.finished])
+        self._published = now
+        snap: dict[str, Any] = {
+            "running": self.scheduler.num_running,
+            "queued": len(self.scheduler.waiting),
+            "steps": self.steps,
+            "tokens_generated": self.tokens_generated,
+            "prompt_tokens_computed": self.runner.prompt_tokens_computed,
+            "kv_bytes": self.runner.kv_bytes(),
+            "guided": {
+                "mask_seconds": round(self.mask_seconds, 4),
+                "masked_tokens": self.mask_rows,
+                **(self.guided.stats if self.guided is not None else {}),
+            },
+            **self.prompt_cache.stats(),
+        }
+        try:
+            import psutil
 
-    def abort(self, request_id: str) -> list[Delta]:
-        hit = [i for i, s in enumerate(self.batch) if s.request_id == request_id]
-        if not hit:
-            return []
-        deltas = [self.batch[i].abort() for i in hit]
-        self._keep([i for i in range(len(self.batch)) if i not in hit])
-        return deltas
-
-    def _keep(self, keep: list[int]) -> None:
-        self.batch = [self.batch[i] for i in keep]
-        if not keep:
-            self._cache = None
-        elif self._cache is not None:
-            for c in self._cache:
-                c.filter(keep)
-
-    def _store_finished(self) -> None:
-        if self._cache is None or (self.prefix_cache.max_bytes <= 0 and self.disk is None):
-            return
-        for i, s in enumerate(self.batch):
-            if s.finished and s.index == 0 and s.finish_reason != "error":
-                # The cache holds the prompt and every output token but the last.
-                cache = [c.extract(i) for c in self._cache]
-                size = cache[0].offset if cache else 0
-                tokens = (s.prompt + s.output)[:size]
-                if len(tokens) == size:
-                    self.prefix_cache.store(tokens, cache)
-                    if self.disk is not None and _plain(cache):
-                        self.disk.submit(tokens, cache, s.session)
-
-    def _store_prompt(self, prompt: list[int], cache: list[Any], session: str | None) -> None:
-        """A request that ended at its first token still leaves its prompt's cache."""
-        self.prefix_cache.store(list(prompt), [copy.copy(c) for c in cache])
-        if self.disk is not None and _plain(cache):
-            self.disk.submit(list(prompt), cache, session)
-
-    def clear_caches(self) -> None:
-        self.prefix_cache.clear()
-        if self.disk is not None:
-            self.disk.clear()
-
-    # --- introspection ---------------------------------------------------------------------
-
-    @property
-    def running(self) -> int:
-        return len(self.batch)
-
-    def kv_bytes(self) -> int:
-        if self._cache is None:
-            return 0
-        return int(sum(c.nbytes for c in self._cache))
-
-
-def _plain(cache: list[Any]) -> bool:
-    from mlx_lm.models.cache import KVCache
-
-    return all(type(c) is KVCache for c in cache)
-
-
-def _cache_from(layers: list[tuple[Any, Any]], n: int) -> list[Any]:
-    """KVCache per layer from loaded (keys, values), holding the first `n` positions."""
-    from mlx_lm.models.cache import KVCache
-
-    out = []
-    for k, v in layers:
-        c = KVCache()
-        c.keys, c.values, c.offset = k, v, n
-        out.append(c)
-    return out
+            snap["mlx_active_bytes"] = int(mx.get_active_memory())
+            snap["mlx_peak_bytes"] = int(mx.get_peak_memory())
+            snap["rss_bytes"] = int(psutil.Process().memory_info().rss)
+        except Exception:  # stats must never break a step
+            pass
+        self.snapshot = snap

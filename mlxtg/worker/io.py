@@ -64,7 +64,11 @@ class WorkerIO(threading.Thread):
     # --- called from the engine thread -------------------------------------------------------
 
     def send(self, msg: Message) -> None:
-        self._outbox.put(msg)
+        self.send_all([msg])
+
+    def send_all(self, msgs: list[Message]) -> None:
+        for msg in msgs:
+            self._outbox.put(msg)
         self._wake_push.send(b"", zmq.NOBLOCK)
 
     def take(self, block: bool) -> list[Any]:

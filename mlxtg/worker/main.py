@@ -21,23 +21,15 @@ import zmq
 
 from ..lifeline import exit_with_parent
 from ..protocol import (
-    Abort,
-    Accepted,
     Config,
-    Control,
-    Delta,
-    Error,
-    FinishReason,
     Hello,
-    Output,
     Ready,
     decode,
     encode,
 )
 from .blas import describe_blas
 from .io import Shutdown, WorkerIO
-from .params import RequestError
-from .scheduler import QueueFull, Request, Scheduler
+from .scheduler import Scheduler
 from .settings import EngineSettings
 
 log = logging.getLogger("mlxtg.worker")
@@ -106,8 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     # 3. Serve.
-    scheduler = Scheduler(settings.max_batch, settings.max_queued, settings.prefill_chunk)
-    loop = EngineLoop(engine, scheduler)
+    loop = EngineLoop(engine)
     io = WorkerIO(ctx, sock, args.worker_id, preprocess, loop.stats, settings.heartbeat_s)
     loop.io = io
     io.start()
@@ -121,6 +112,7 @@ def _build_runtime(config: Config, settings: EngineSettings) -> tuple[Any, Any, 
     from .loader import load
     from .prefix_cache import RamPrefixCache
     from .preprocess import Preprocessor
+    from .prompt_cache import PromptCache
 
     loaded = load(ModelSpec.from_wire(config.model))
     guided = None
@@ -131,7 +123,7 @@ def _build_runtime(config: Config, settings: EngineSettings) -> tuple[Any, Any, 
         guided = GuidedCompiler(loaded.tokenizer, loaded.vocab_size)
     except ImportError:  # llguidance missing: constrained requests get a clear 400
         log.warning("llguidance is not installed: guided decoding disabled")
-    cache = RamPrefixCache(settings.cache_ram_bytes, min_tokens=settings.cache_min_tokens)
+    ram = RamPrefixCache(settings.cache_ram_bytes, min_tokens=settings.cache_min_tokens)
     disk = None
     if settings.cache_disk_bytes > 0:
         from .. import paths
@@ -146,155 +138,54 @@ def _build_runtime(config: Config, settings: EngineSettings) -> tuple[Any, Any, 
             block_tokens=settings.cache_block_tokens,
             min_tokens=max(settings.cache_min_tokens, settings.cache_block_tokens),
         )
-    return loaded, Engine(loaded, cache, guided, disk), Preprocessor(loaded, guided)
+    scheduler = Scheduler(
+        settings.max_batch,
+        settings.max_queued,
+        settings.prefill_chunk,
+        idle_chunk_tokens=settings.idle_prefill_chunk,
+        padded=settings.batched_prefill,
+    )
+    engine = Engine(
+        loaded,
+        PromptCache(ram, disk),
+        guided,
+        scheduler=scheduler,
+        batched_prefill=settings.batched_prefill,
+    )
+    return loaded, engine, Preprocessor(loaded, guided)
 
 
 class EngineLoop:
-    """The single thread that runs MLX."""
+    """The single thread that runs MLX: inputs in, `Engine.step`, messages out."""
 
-    def __init__(self, engine: Any, scheduler: Scheduler):
+    def __init__(self, engine: Any):
         self.engine = engine
-        self.scheduler = scheduler
         self.io: WorkerIO | None = None
         self.started = time.time()
         self.last_step = time.time()
-        self.requests_done = 0
 
     def stats(self) -> dict[str, Any]:
-        e = self.engine
-        out: dict[str, Any] = {
-            "running": e.running,
-            "queued": len(self.scheduler.waiting),
-            "tokens_generated": e.tokens_generated,
-            "prompt_tokens_computed": e.prompt_tokens_computed,
-            "kv_bytes": e.kv_bytes(),
-            "guided": {
-                "mask_seconds": round(e.mask_seconds, 4),
-                "masked_tokens": e.mask_rows,
-                **(e.guided.stats if e.guided is not None else {}),
-            },
-            "prefix_cache": dict(
-                e.prefix_cache.stats, entries=len(e.prefix_cache), bytes=e.prefix_cache.nbytes
-            ),
-            "disk_cache": e.disk.describe() if e.disk is not None else None,
-            "last_step": self.last_step,
-            "uptime": time.time() - self.started,
-        }
-        try:
-            import mlx.core as mx
-            import psutil
-
-            out["mlx_active_bytes"] = int(mx.get_active_memory())
-            out["mlx_peak_bytes"] = int(mx.get_peak_memory())
-            out["rss_bytes"] = int(psutil.Process().memory_info().rss)
-        except Exception:  # stats must never break the heartbeat
-            pass
-        return out
+        """Called from the I/O thread: reads only the snapshot the engine published."""
+        return dict(
+            self.engine.snapshot, last_step=self.last_step, uptime=time.time() - self.started
+        )
 
     def run(self) -> None:
         assert self.io is not None
         io = self.io
         while True:
             # 1. Inputs: block only when there is nothing to do.
-            idle = self.scheduler.idle and self.engine.running == 0
-            for item in io.take(block=idle):
-                if isinstance(item, Shutdown):
-                    return
-                if isinstance(item, Abort):
-                    self._abort(item.request_id)
-                elif isinstance(item, Control):  # cache clear
-                    try:
-                        self.engine.clear_caches()
-                    except Exception:  # an operator action must never take the worker down
-                        log.exception("clearing the prompt cache failed")
-                elif isinstance(item, Request):
-                    self._admit(item)
-            # 2. One step.
-            plan = self.scheduler.schedule()
-            if plan.empty:
+            idle = self.engine.idle
+            items = io.take(block=idle)
+            if any(isinstance(item, Shutdown) for item in items):
+                return
+            if idle and not items:
                 continue
-            deltas: list[Delta] = []
-            if plan.decode:
-                # Running streams get their token before this step's prefill work starts.
-                decoded = self._guarded_decode()
-                if decoded:
-                    io.send(Output(deltas=decoded))
-            for chunk in plan.prefill:
-                deltas += self._guarded_prefill(chunk)
-            self.scheduler.num_running = self.engine.running
+            # 2. One step; its decode tokens leave before its prefill work starts.
+            messages = self.engine.step(items, flush=io.send_all)
             self.last_step = time.time()
-            if deltas:
-                io.send(Output(deltas=deltas))
-
-    def _admit(self, req: Request) -> None:
-        assert self.io is not None
-        try:
-            self.scheduler.add(req)
-        except QueueFull:
-            self.io.send(
-                Error(
-                    request_id=req.request_id,
-                    status=429,
-                    message="the model's request queue is full; retry shortly",
-                    type="rate_limit_error",
-                    code="queue_full",
-                    retry_after=1.0,
-                )
-            )
-            return
-        cached, source, reason = self.engine.attach_prefix(req)
-        self.io.send(
-            Accepted(
-                request_id=req.request_id,
-                prompt_tokens=len(req.prompt),
-                cached_tokens=cached,
-                cache_source=source,
-                cache_miss_reason=reason,
-            )
-        )
-
-    def _abort(self, request_id: str) -> None:
-        assert self.io is not None
-        deltas = self.engine.abort(request_id)
-        req = self.scheduler.remove(request_id)
-        if req is not None:
-            deltas.append(Delta(request_id=request_id, finish_reason=FinishReason.ABORT))
-        if deltas:
-            self.io.send(Output(deltas=deltas))
-
-    def _guarded_prefill(self, chunk: Any) -> list[Delta]:
-        req = chunk.request
-        try:
-            logits = self.engine.prefill(chunk)
-            self.scheduler.complete(chunk)
-            return self.engine.start(req, logits) if logits is not None else []
-        except Exception as exc:  # one request's fault must not harm the others
-            log.exception("prefill of %s failed", req.request_id)
-            self.scheduler.remove(req.request_id)
-            self._fail(req.request_id, exc)
-            return []
-
-    def _guarded_decode(self) -> list[Delta]:
-        try:
-            return self.engine.decode()
-        except Exception as exc:
-            log.exception("decode step failed; failing the running batch")
-            for rid in {s.request_id for s in self.engine.batch}:
-                self.engine.abort(rid)
-                self._fail(rid, exc)
-            return []
-
-    def _fail(self, request_id: str, exc: Exception) -> None:
-        assert self.io is not None
-        status = exc.status if isinstance(exc, RequestError) else 500
-        self.io.send(
-            Error(
-                request_id=request_id,
-                status=status,
-                message=f"generation failed: {exc}",
-                type="server_error" if status >= 500 else "invalid_request_error",
-            )
-        )
+            if messages:
+                io.send_all(messages)
 
 
 if __name__ == "__main__":

@@ -74,9 +74,36 @@ class SampleResult:
     logprobs: mx.array | None
 
 
+@dataclass(slots=True)
+class PendingSample:
+    """A batch's sampled tokens, queued but not yet read back (see `sample_lazy`)."""
+
+    chosen: mx.array  # (B,) token ids
+    logprobs: mx.array | None
+    rows: list[RowState]
+
+    def result(self) -> SampleResult:
+        """Wait for the tokens and account for them in each row's penalty state."""
+        tokens = [int(t) for t in np.array(self.chosen)]
+        for r, t in zip(self.rows, tokens, strict=True):
+            r.record(t)
+        return SampleResult(tokens=tokens, logprobs=self.logprobs)
+
+
 def sample(logits: mx.array, rows: list[RowState], masks: np.ndarray | None = None) -> SampleResult:
-    """Sample one token per row of `logits` (B, V). `masks` (B, V) bool, optional,
-    marks the tokens guided decoding allows (rows without a guide are all True)."""
+    """Sample one token per row of `logits` (B, V), synchronously."""
+    pending = sample_lazy(logits, rows, masks)
+    mx.eval(pending.chosen, *(() if pending.logprobs is None else (pending.logprobs,)))
+    return pending.result()
+
+
+def sample_lazy(
+    logits: mx.array, rows: list[RowState], masks: np.ndarray | None = None
+) -> PendingSample:
+    """Build (without evaluating) the sampling of one token per row of `logits` (B, V).
+    `masks` (B, V) bool, optional, marks the tokens guided decoding allows (rows without a
+    guide are all True). The caller evaluates it, typically together with the next
+    forward pass, and reads the tokens with `PendingSample.result()`."""
     logits = logits.astype(mx.float32)
     logprobs = None
     if any(r.params.logprobs for r in rows):
@@ -114,11 +141,7 @@ def sample(logits: mx.array, rows: list[RowState], masks: np.ndarray | None = No
         drawn = mx.sum(cdf < (u * cdf[:, -1])[:, None], axis=-1)
         drawn = mx.minimum(drawn, vocab - 1)
         chosen = mx.where(mx.array(greedy), argmax, drawn)
-    mx.eval(chosen, *(() if logprobs is None else (logprobs,)))
-    tokens = [int(t) for t in np.array(chosen)]
-    for r, t in zip(rows, tokens, strict=True):
-        r.record(t)
-    return SampleResult(tokens=tokens, logprobs=logprobs)
+    return PendingSample(chosen=chosen.astype(mx.int32), logprobs=logprobs, rows=list(rows))
 
 
 def _apply_penalties(x: mx.array, rows: list[RowState], vocab: int) -> mx.array:

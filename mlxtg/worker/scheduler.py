@@ -1,19 +1,25 @@
 """Which work runs in the next engine step. Plain Python: no tensors, no MLX.
 
+The scheduler owns both queues of a worker: `waiting` requests (tokenised, not yet fully
+prefilled) and `running` sequences (the decode batch, in the model runner's row order).
+
 A step decodes one token for every running sequence and, within a token budget, prefills
-chunks of waiting requests. Chunking means a long prompt arriving never stalls running
-streams for more than one chunk. Requests start prefill in arrival order, and only when
-their `n` choices will fit in the decode batch (`max_batch`).
+waiting prompts. Prompts whose rest fits the budget are finished together as one batch
+(the budget counts the padded batch: rows x longest rest); a prompt too long for the
+budget gets one chunk of its own per step, so a long prompt arriving never stalls running
+streams for more than one chunk. Requests start in arrival order, and only when their `n`
+choices fit in the decode batch (`max_batch`).
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # identity: queues remove this very request
 class Request:
     """A validated, tokenised request waiting for (or in) prefill."""
 
@@ -21,7 +27,7 @@ class Request:
     prompt: list[int]
     n: int = 1
     num_computed: int = 0  # prompt tokens already in its KV cache (a cached prefix counts)
-    cache: Any = None  # the engine's per-request KV cache while prefilling
+    cache: Any = None  # its own batch-1 KV cache while prefilling
     payload: Any = None  # everything else the engine needs (params, guide, parser...)
 
     @property
@@ -39,15 +45,24 @@ class PrefillChunk:
     def is_last(self) -> bool:
         return self.end == len(self.request.prompt)
 
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
 
 @dataclass(slots=True)
 class StepPlan:
-    prefill: list[PrefillChunk] = field(default_factory=list)
     decode: bool = False
+    partial: PrefillChunk | None = None  # a non-final chunk of a long prompt, run alone
+    final: list[PrefillChunk] = field(default_factory=list)  # prompts that finish this step
+
+    @property
+    def prefill(self) -> list[PrefillChunk]:
+        return ([self.partial] if self.partial else []) + self.final
 
     @property
     def empty(self) -> bool:
-        return not self.prefill and not self.decode
+        return not self.decode and not self.prefill
 
 
 class QueueFull(Exception):
@@ -55,16 +70,29 @@ class QueueFull(Exception):
 
 
 class Scheduler:
-    """Admission, ordering and per-step budgets for one worker."""
+    """Admission, ordering and per-step budgets for one worker; owner of both queues."""
 
-    def __init__(self, max_batch: int = 32, max_queued: int = 128, chunk_tokens: int = 512):
+    def __init__(
+        self,
+        max_batch: int = 32,
+        max_queued: int = 128,
+        chunk_tokens: int = 512,
+        idle_chunk_tokens: int | None = None,
+        padded: bool = True,
+    ):
         if max_batch < 1 or max_queued < 1 or chunk_tokens < 1:
             raise ValueError("max_batch, max_queued and chunk_tokens must be positive")
         self.max_batch = max_batch
         self.max_queued = max_queued
         self.chunk_tokens = chunk_tokens
+        # With nothing running there are no streams to stall: prompts that arrived together
+        # may use a bigger budget and start together.
+        self.idle_chunk_tokens = max(chunk_tokens, idle_chunk_tokens or chunk_tokens)
+        self.padded = padded  # final chunks run as one padded batch (cost: rows x longest)
         self.waiting: deque[Request] = deque()
-        self.num_running = 0  # sequences in the decode batch, kept by the engine loop
+        self.running: list[Any] = []  # Sequence objects, row i of the decode batch
+
+    # --- waiting ---------------------------------------------------------------------------
 
     def can_add(self) -> bool:
         return len(self.waiting) < self.max_queued
@@ -82,29 +110,53 @@ class Scheduler:
                 return req
         return None
 
+    # --- running ---------------------------------------------------------------------------
+
+    def join(self, seqs: list[Any]) -> None:
+        """Sequences whose prompt is done enter the decode batch (appended rows)."""
+        self.running.extend(seqs)
+
+    def keep(self, keep: Callable[[Any], bool]) -> list[int]:
+        """Keep the running sequences `keep` accepts; returns the kept row indices."""
+        rows = [i for i, s in enumerate(self.running) if keep(s)]
+        self.running = [self.running[i] for i in rows]
+        return rows
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    # --- planning --------------------------------------------------------------------------
+
     def schedule(self) -> StepPlan:
         """Plan one step: decode everything running, prefill what fits the budgets."""
-        plan = StepPlan(decode=self.num_running > 0)
-        budget = self.chunk_tokens
-        free = self.max_batch - self.num_running
+        plan = StepPlan(decode=bool(self.running))
+        budget = self.chunk_tokens if self.running else self.idle_chunk_tokens
+        free = self.max_batch - len(self.running)
+        longest = 0
         for req in self.waiting:
-            if budget <= 0:
-                break
             # A request bigger than the whole batch still runs, alone.
-            if req.n > free and (free < self.max_batch or plan.prefill):
+            if req.n > free and (free < self.max_batch or plan.final):
                 break
-            take = min(req.remaining, budget)
-            plan.prefill.append(PrefillChunk(req, req.num_computed, req.num_computed + take))
-            budget -= take
-            free -= req.n
+            rows = len(plan.final) + 1
+            rest = max(longest, req.remaining) if self.padded else req.remaining
+            cost = rows * rest if self.padded else sum(c.size for c in plan.final) + rest
+            if cost <= budget:
+                plan.final.append(PrefillChunk(req, req.num_computed, len(req.prompt)))
+                longest, free = rest, free - req.n
+                continue
+            if not plan.final:  # too long for one step: a chunk of its own
+                end = req.num_computed + budget
+                plan.partial = PrefillChunk(req, req.num_computed, end)
+            break
         return plan
 
     def complete(self, chunk: PrefillChunk) -> None:
         """Record a finished chunk; a request whose prompt is done leaves the queue."""
         chunk.request.num_computed = chunk.end
-        if chunk.is_last:
+        if chunk.is_last and chunk.request in self.waiting:
             self.waiting.remove(chunk.request)
 
     @property
     def idle(self) -> bool:
-        return not self.waiting and self.num_running == 0
+        return not self.waiting and not self.running

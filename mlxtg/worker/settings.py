@@ -12,6 +12,8 @@ class EngineSettings:
     max_batch: int = 32  # sequences decoded together
     max_queued: int = 128  # requests waiting for prefill before 429
     prefill_chunk: int = 512  # prompt tokens per step, so long prompts never stall streams
+    idle_prefill_chunk: int = 2048  # the budget when nothing runs: no stream to stall
+    batched_prefill: bool = True  # False: every prompt alone at batch 1 (batch-invariant)
     cache_ram_bytes: int = 2 << 30  # hot prefix cache budget
     cache_min_tokens: int = 16  # shorter matches are not worth reusing
     cache_disk_bytes: int = 10 << 30  # disk tier budget; 0 disables it
