@@ -74,8 +74,13 @@ def replies(rid: str) -> list[list[bytes]]:
 def patch_deps() -> None:
     """Experiment, this process only: mlxtg/gateway/deps.py's dependencies as `async def`
     (FastAPI runs each plain `def` dependency in the threadpool). Before routes import."""
+    import inspect
+
     from mlxtg.gateway import app as appmod
     from mlxtg.gateway import deps
+
+    if inspect.iscoroutinefunction(deps.require_key):
+        return  # mlxtg's own dependencies are async already
 
     def as_async(f: Any) -> Any:
         async def a(request: Request) -> Any:
