@@ -21,13 +21,14 @@ def loaded(tmp_path_factory):
     return load(ModelSpec(model_id_or_path=str(build_model(tmp_path_factory.mktemp("m") / "m"))))
 
 
-def engine(loaded, batched=True, cache_bytes=1 << 30, **sched) -> Engine:
+def engine(loaded, batched=True, cache_bytes=1 << 30, overlap=None, **sched) -> Engine:
     kw = {"max_batch": 32, "max_queued": 64, "chunk_tokens": 64, **sched}
     return Engine(
         loaded,
         PromptCache(RamPrefixCache(cache_bytes, min_tokens=4)),
         scheduler=Scheduler(padded=batched, **kw),
         batched_prefill=batched,
+        overlap=overlap,
     )
 
 
@@ -198,3 +199,28 @@ def test_a_failing_prefill_fails_only_its_request(loaded, monkeypatch):
     drain(eng, log)
     assert log.errors["bad"].status == 500 and "boom" in log.errors["bad"].message
     assert len(log.tokens[("ok", 0)]) == 6
+
+
+def test_pipelined_and_sequential_steps_agree(loaded):
+    """The overlapped order (next forward queued before post-processing, as on a GPU) and
+    the CPU order give the same tokens through joins, aborts, n > 1 and finishes."""
+
+    def workload(overlap):
+        eng = engine(loaded, overlap=overlap, chunk_tokens=32)
+        log = Log().take(
+            eng.step(
+                [
+                    request(loaded, "a", "one", max_tokens=14),
+                    request(loaded, "b", "two", n=2, max_tokens=5),
+                ]
+            )
+        )
+        log.take(eng.step([request(loaded, "c", "three " * 12, max_tokens=9)]))
+        log.take(eng.step())
+        log.take(eng.step([Abort(request_id="a")]))
+        log.take(eng.step([request(loaded, "d", "four", logprobs=True, max_tokens=7)]))
+        return drain(eng, log)
+
+    piped, plain = workload(True), workload(False)
+    assert piped.tokens == plain.tokens and piped.finish == plain.finish
+    assert piped.finish[("a", 0)] == "abort" and len(piped.tokens[("d", 0)]) == 7

@@ -49,6 +49,7 @@ class Engine:
         guided: Any = None,
         scheduler: Scheduler | None = None,
         batched_prefill: bool = True,
+        overlap: bool | None = None,
     ):
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
@@ -59,6 +60,11 @@ class Engine:
         self.batched_prefill = batched_prefill
         self.scheduler = scheduler or Scheduler(padded=batched_prefill)
         self.runner = ModelRunner(loaded.model)
+        # Pipelining needs an asynchronous device. On MLX's CPU backend `async_eval` runs
+        # most of a forward pass before it returns, so there the next forward pass starts
+        # only after the step's tokens are post-processed and handed over.
+        self.overlap = mx.default_device() == mx.gpu if overlap is None else overlap
+        self._next_inputs: mx.array | None = None
         self.token_bytes = TokenBytes(loaded.tokenizer._tokenizer)
         self.tokens_generated = 0
         self.mask_seconds = 0.0  # time spent computing guided masks in decode steps
@@ -101,6 +107,7 @@ class Engine:
         if flush is not None and out:
             flush(out)
             out = []
+        self._launch()
         # 3. Prefill.
         out += self._prefill()
         self.steps += 1
@@ -153,33 +160,42 @@ class Engine:
         if not running:
             return []
         k = self.runner.pending_rows
+        if k == 0:
+            # Only rows that just joined: start their forward pass and decode it in this
+            # same step, so a stream's second token is one forward pass after its first.
+            fresh_only = mx.array([s.last_token for s in running], dtype=mx.int32)
+            self.runner.queue_decode(fresh_only)
+            k = len(running)
         rows = running[:k]  # rows whose logits are in flight; the rest joined since
-        pending = None
-        if rows:
-            started = time.perf_counter()
-            masks = self._masks(rows)  # CPU work overlapping the forward pass in flight
-            if masks is not None:
-                self.mask_seconds += time.perf_counter() - started
-                self.mask_rows += sum(1 for s in rows if s.row.guide is not None)
-            assert self.runner.pending is not None
-            pending = sample_lazy(self.runner.pending, [s.row for s in rows], masks)
-            # Scheduled before the next forward pass, so reading it back does not wait for it.
-            mx.async_eval(pending.chosen)
+        started = time.perf_counter()
+        masks = self._masks(rows)  # CPU work overlapping the forward pass in flight
+        if masks is not None:
+            self.mask_seconds += time.perf_counter() - started
+            self.mask_rows += sum(1 for s in rows if s.row.guide is not None)
+        assert self.runner.pending is not None
+        pending = sample_lazy(self.runner.pending, [s.row for s in rows], masks)
+        # Scheduled before the next forward pass, so reading it back does not wait for it.
+        mx.async_eval(pending.chosen)
         fresh = [s.last_token for s in running[k:]]
-        parts = [pending.chosen] if pending is not None else []
+        parts = [pending.chosen]
         if fresh:
             parts.append(mx.array(fresh, dtype=mx.int32))
         # Skip the next forward pass only when every row surely ends with this token.
         if fresh or any(len(s.output) + 1 < s.max_tokens for s in rows):
-            self.runner.queue_decode(parts[0] if len(parts) == 1 else mx.concatenate(parts))
-        else:
-            self.runner.pending = None
-        deltas: list[Delta] = []
-        if pending is not None:
-            result = pending.result()
-            deltas = [self._advance(s, i, result) for i, s in enumerate(rows)]
+            self._next_inputs = parts[0] if len(parts) == 1 else mx.concatenate(parts)
+        self.runner.pending = None
+        if self.overlap:
+            self._launch()  # the model runs while this step's tokens are post-processed
+        result = pending.result()
+        deltas = [self._advance(s, i, result) for i, s in enumerate(rows)]
         self._drop_finished()
         return deltas
+
+    def _launch(self) -> None:
+        """Queue the next decode forward pass, if the last decode asked for one."""
+        inputs, self._next_inputs = self._next_inputs, None
+        if inputs is not None:
+            self.runner.queue_decode(inputs)
 
     def _masks(self, seqs: list[Sequence]) -> np.ndarray | None:
         """(B, V) allowed tokens for a batch with guided rows (unguided rows all True)."""
@@ -221,7 +237,10 @@ class Engine:
 
     def _keep(self, keep: Callable[[Sequence], bool]) -> None:
         total = len(self.scheduler.running)
-        self.runner.keep(self.scheduler.keep(keep), total)
+        rows = self.scheduler.keep(keep)
+        self.runner.keep(rows, total)
+        if self._next_inputs is not None and len(rows) < total:
+            self._next_inputs = self._next_inputs[mx.array(rows)] if rows else None
 
     # --- 3. prefill ------------------------------------------------------------------------
 
