@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: up test lint unit e2e bench bench-guided bench-guided-serving bench-switch bench-agent blas clean
+.PHONY: up test lint unit e2e bench bench-write bench-guided bench-guided-serving bench-switch bench-agent blas clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,6 +37,9 @@ test: lint $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.bench_serving $(ARGS)
+
+bench-write: $(STAMP)
+	$(BIN)/python -m bench.bench_serving --write $(ARGS)
 
 bench-guided: $(STAMP)
 	$(BIN)/python bench/bench_guided.py $(ARGS)

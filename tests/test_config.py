@@ -81,3 +81,15 @@ def test_create_config_template_parses_with_the_demo_model(tmp_path: Path):
     s = build_settings(path, None, {})
     assert s.model_names() == ["mlxtg-demo", "mlxtg-demo-q8", "mlxtg-demo-q4", "mlxtg-demo-3"]
     assert [m.quant for m in s.models] == ["none", "q8", "q4", "none"]
+
+
+def test_prefill_mode_and_budgets_reach_the_worker_settings(tmp_path: Path):
+    from mlxtg.worker.settings import EngineSettings
+
+    cfg = tmp_path / "models.yaml"
+    cfg.write_text("batched_prefill: false\nidle_prefill_chunk: 4096\nmodels: []\n")
+    s = build_settings(cfg, None, {})
+    assert (s.batched_prefill, s.idle_prefill_chunk) == (False, 4096)
+    assert build_settings(cfg, None, {"batched_prefill": True}).batched_prefill is True
+    wire = EngineSettings(batched_prefill=False, idle_prefill_chunk=4096).to_wire()
+    assert EngineSettings.from_wire(wire).batched_prefill is False

@@ -78,6 +78,14 @@ def up(
             help="Preload OpenBLAS into workers on Linux when present.",
         ),
     ] = True,
+    batched_prefill: Annotated[
+        bool | None,
+        typer.Option(
+            "--batched-prefill/--no-batched-prefill",
+            help="Prefill prompts that arrive together as one padded batch [on]; off: each "
+            "prompt alone at batch 1.",
+        ),
+    ] = None,
 ) -> None:
     """Start the server: supervisor, gateway and the first model's worker."""
     from ..supervisor.config import ConfigError, build_settings
@@ -101,6 +109,7 @@ def up(
         "cache_slots": cache_slots,
         "cache_min_tokens": cache_min_tokens,
         "fast_blas": fast_blas,
+        "batched_prefill": batched_prefill,
     }
     try:
         settings = build_settings(config, model, overrides)

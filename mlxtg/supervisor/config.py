@@ -34,6 +34,9 @@ class ServerSettings(BaseModel):
     max_batch: int = Field(default=32, ge=1)
     max_queued: int = Field(default=128, ge=1)
     prefill_chunk: int = Field(default=512, ge=16)
+    idle_prefill_chunk: int = Field(default=2048, ge=16)
+    # Prompts finishing in one step share a padded forward pass; false: each alone (batch 1).
+    batched_prefill: bool = True
     cache_ram_gb: float = Field(default=2.0, ge=0)
     cache_min_tokens: int = Field(default=16, ge=1)
     cache_disk_gb: float = Field(default=10.0, ge=0)

@@ -256,6 +256,8 @@ class Supervisor:
             max_batch=self.settings.max_batch,
             max_queued=self.settings.max_queued,
             prefill_chunk=self.settings.prefill_chunk,
+            idle_prefill_chunk=self.settings.idle_prefill_chunk,
+            batched_prefill=self.settings.batched_prefill,
             cache_ram_bytes=int(pick(spec.cache_ram_gb, self.settings.cache_ram_gb) * gb),
             cache_min_tokens=pick(spec.cache_min_tokens, self.settings.cache_min_tokens),
             cache_disk_bytes=int(pick(spec.cache_disk_gb, self.settings.cache_disk_gb) * gb),
