@@ -62,8 +62,8 @@ def test_nothing_running_gets_the_idle_budget():
     for i in range(16):
         s.add(req(f"r{i}", 100))
     assert len(s.schedule().final) == 16  # arrivals that came together start together
-    running(s, 1)
-    assert len(s.schedule().final) == 5
+    running(s, 16)
+    assert len(s.schedule().final) == 5  # one waiting per running stream: chunk_tokens
 
 
 def test_batch_limit_holds_requests_back_in_order():
@@ -110,3 +110,16 @@ def test_idle():
     assert s.idle
     s.add(req("a", 3))
     assert not s.idle
+
+
+def test_a_burst_behind_one_early_starter_prefills_together():
+    s = Scheduler(max_batch=32, max_queued=64, chunk_tokens=512, idle_chunk_tokens=2048)
+    running(s, 1)
+    for i in range(15):
+        s.add(req(f"r{i}", 51))
+    assert len(s.schedule().final) == 15  # 15 waiting per running stream: the idle budget
+    lone = Scheduler(max_batch=32, max_queued=64, chunk_tokens=512, idle_chunk_tokens=2048)
+    running(lone, 1)
+    lone.add(req("long", 4000))
+    plan = lone.schedule()
+    assert plan.partial is not None and plan.partial.size == 512  # still chunked

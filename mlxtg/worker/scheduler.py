@@ -86,7 +86,7 @@ class Scheduler:
         self.max_queued = max_queued
         self.chunk_tokens = chunk_tokens
         # With nothing running there are no streams to stall: prompts that arrived together
-        # may use a bigger budget and start together.
+        # may use a bigger budget and start together (see `budget`).
         self.idle_chunk_tokens = max(chunk_tokens, idle_chunk_tokens or chunk_tokens)
         self.padded = padded  # final chunks run as one padded batch (cost: rows x longest)
         self.waiting: deque[Request] = deque()
@@ -131,7 +131,7 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         """Plan one step: decode everything running, prefill what fits the budgets."""
         plan = StepPlan(decode=bool(self.running))
-        budget = self.chunk_tokens if self.running else self.idle_chunk_tokens
+        budget = self.budget()
         free = self.max_batch - len(self.running)
         longest = 0
         for req in self.waiting:
@@ -150,6 +150,16 @@ class Scheduler:
                 plan.partial = PrefillChunk(req, req.num_computed, end)
             break
         return plan
+
+    def budget(self) -> int:
+        """Prompt tokens (padded) this step may prefill. Stalling running streams costs
+        each of them one long step, so the budget grows with how many requests wait per
+        running stream: a burst of arrivals behind one early starter prefills together,
+        while one long prompt still goes in `chunk_tokens` pieces."""
+        if not self.running:
+            return self.idle_chunk_tokens
+        per_stream = len(self.waiting) // len(self.running)
+        return min(self.idle_chunk_tokens, self.chunk_tokens * max(1, per_stream))
 
     def complete(self, chunk: PrefillChunk) -> None:
         """Record a finished chunk; a request whose prompt is done leaves the queue."""
