@@ -224,3 +224,19 @@ def test_pipelined_and_sequential_steps_agree(loaded):
     piped, plain = workload(True), workload(False)
     assert piped.tokens == plain.tokens and piped.finish == plain.finish
     assert piped.finish[("a", 0)] == "abort" and len(piped.tokens[("d", 0)]) == 7
+
+
+def test_a_failing_forward_pass_fails_the_batch_and_the_engine_goes_on(loaded, monkeypatch):
+    eng = engine(loaded)
+    log = Log().take(eng.step([request(loaded, "x", "one", max_tokens=6)]))
+    original = eng.runner.queue_decode
+
+    def broken(inputs):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(eng.runner, "queue_decode", broken)
+    log.take(eng.step())
+    assert log.errors["x"].status == 500 and eng.idle
+    monkeypatch.setattr(eng.runner, "queue_decode", original)
+    drain(eng, log.take(eng.step([request(loaded, "y", "two", max_tokens=5)])))
+    assert len(log.tokens[("y", 0)]) == 5 and log.finish[("y", 0)] == "length"

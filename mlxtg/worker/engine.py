@@ -107,7 +107,8 @@ class Engine:
         if flush is not None and out:
             flush(out)
             out = []
-        self._launch()
+        _, failed = self._guarded(self._launch, self.scheduler.running)
+        out += failed
         # 3. Prefill.
         out += self._prefill()
         self.steps += 1
@@ -357,6 +358,7 @@ class Engine:
                 self._abort(rid)
             if victims is self.scheduler.running or any(isinstance(v, Sequence) for v in victims):
                 self.runner.pending = None
+                self._next_inputs = None
             status = exc.status if isinstance(exc, RequestError) else 500
             return None, [
                 Error(
