@@ -23,6 +23,15 @@ def test_models_health_ready(server: Server, client):
     assert httpx.get(f"{server.url}/ready").json()["status"] == "ready"
 
 
+def test_models_retrieve_has_context_length_and_created(client):
+    model = client.models.retrieve(MODEL)
+    assert model.id == MODEL and model.created > 1_600_000_000
+    assert model.model_extra["context_length"] == model.model_extra["max_model_len"] > 0
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("no-such-model")
+    assert err.value.body["code"] == "model_not_found" and MODEL in err.value.body["message"]
+
+
 def test_chat_stream_equals_non_stream(client):
     kw = dict(model=MODEL, messages=HELLO, max_tokens=24, temperature=0)
     full = client.chat.completions.create(**kw)

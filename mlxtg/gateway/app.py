@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from .. import __version__
 from .client import SupervisorClient
 from .deps import Client, Metrics, require_key
-from .errors import BadRequest, Unavailable, install_handlers
+from .errors import BadRequest, NotFound, Unavailable, install_handlers
 from .metrics import GatewayMetrics
 from .openai_routes import router as openai_router
 from .settings import GatewaySettings
@@ -74,19 +74,20 @@ def _admin_router() -> Any:
     @router.get("/v1/models")
     async def models(client: Client) -> dict[str, Any]:
         status = (await client.control("status")).data
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": m["name"],
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "mlxtg",
-                    "state": m["state"],
-                }
-                for m in status["models"]
-            ],
-        }
+        return {"object": "list", "data": [_model_entry(m) for m in status["models"]]}
+
+    @router.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, client: Client) -> dict[str, Any]:
+        status = (await client.control("status")).data
+        for m in status["models"]:
+            if m["name"] == model_id:
+                return _model_entry(m)
+        served = ", ".join(m["name"] for m in status["models"])
+        raise NotFound(
+            f"The model '{model_id}' does not exist; this server serves: {served}",
+            param="model",
+            code="model_not_found",
+        )
 
     @router.get("/admin/status")
     async def admin_status(client: Client) -> dict[str, Any]:
@@ -119,6 +120,19 @@ def _admin_router() -> Any:
         )
 
     return router
+
+
+def _model_entry(m: dict[str, Any]) -> dict[str, Any]:
+    """One OpenAI model object, with the context length under vLLM's name too."""
+    return {
+        "id": m["name"],
+        "object": "model",
+        "created": m.get("created", 0),
+        "owned_by": "mlxtg",
+        "state": m["state"],
+        "context_length": m.get("context_length"),
+        "max_model_len": m.get("context_length"),
+    }
 
 
 def _reply(reply: Any) -> dict[str, Any]:

@@ -10,12 +10,14 @@ worker is never evicted under a running request.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -80,6 +82,7 @@ class Supervisor:
         self.routes: dict[str, Route] = {}
         self.pending: dict[str, deque[tuple[bytes, Generate, float]]] = {}
         self.started = time.time()
+        self._cards: dict[str, dict[str, Any]] = {}  # per model name, see _model_card
         self.stopping = False
         self.exit_code = 0
         self.spare: Spare | None = None
@@ -277,6 +280,8 @@ class Supervisor:
             return
         handle.state = WorkerState.READY
         handle.ready_at = time.time()
+        self._model_card(handle.spec)
+        self._cards[handle.name]["context_length"] = msg.context_length
         handle.facts = {
             "context_length": msg.context_length,
             "fingerprint": msg.fingerprint,
@@ -543,6 +548,23 @@ class Supervisor:
                 result[handle.name] = "draining"
         return ControlReply(request_id=msg.request_id, ok=True, data={"models": result})
 
+    def _model_card(self, spec: Any) -> dict[str, Any]:
+        """Facts /v1/models reports even while a model is not loaded: its context length
+        (the worker's, once it has loaded; else the local config.json's) and a creation
+        time (the local folder's modification time; else when this server started)."""
+        if spec.name not in self._cards:
+            path = Path(spec.model_id_or_path)
+            created, context = int(self.started), None
+            with contextlib.suppress(OSError, ValueError):
+                created = int(path.stat().st_mtime)
+                config = json.loads((path / "config.json").read_text())
+                for key in ("max_position_embeddings", "max_seq_len", "seq_length", "n_ctx"):
+                    if isinstance(config.get(key), int):
+                        context = config[key]
+                        break
+            self._cards[spec.name] = {"created": created, "context_length": context}
+        return dict(self._cards[spec.name])
+
     def status(self) -> dict[str, Any]:
         resident = {h.name: h for h in self.workers.values()}
         models = []
@@ -556,6 +578,7 @@ class Supervisor:
                 "state": "unloaded",
                 "waiting": len(self.pending.get(spec.name, ())),
             }
+            entry.update(self._model_card(spec))
             if handle is not None:
                 entry["state"] = (
                     "loaded"
