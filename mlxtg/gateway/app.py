@@ -11,6 +11,7 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, Response
 
 from .. import __version__
+from .anthropic_routes import router as anthropic_router
 from .client import SupervisorClient
 from .deps import Client, Metrics, require_key
 from .errors import BadRequest, NotFound, Unavailable, install_handlers
@@ -37,6 +38,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.state.metrics = GatewayMetrics()
     install_handlers(app)
     app.include_router(openai_router, dependencies=[Depends(require_key)])
+    app.include_router(anthropic_router)  # its own auth: x-api-key or Bearer
     app.include_router(_admin_router(), dependencies=[Depends(require_key)])
 
     @app.get("/health")

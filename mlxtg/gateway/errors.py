@@ -108,10 +108,15 @@ def error_body(
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def _response(exc: APIError) -> JSONResponse:
+def _response(exc: APIError, request: Request | None = None) -> JSONResponse:
     headers = {}
     if exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    if request is not None and request.url.path.startswith("/v1/messages"):
+        # Anthropic clients parse {"type": "error", "error": {...}} on their routes.
+        from .anthropic_routes import anthropic_error_response
+
+        return anthropic_error_response(exc, headers)
     if exc.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
@@ -119,25 +124,25 @@ def _response(exc: APIError) -> JSONResponse:
 
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return _response(exc)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return _response(exc, request)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
         param = ".".join(loc) or None
         message = f"{param}: {err.get('msg')}" if param else str(err.get("msg"))
-        return _response(BadRequest(message, param=param))
+        return _response(BadRequest(message, param=param), request)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         cls = _BY_STATUS.get(exc.status_code, BadRequest)
         err = cls(str(exc.detail))
         err.status = exc.status_code
-        return _response(err)
+        return _response(err, request)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return _response(InternalError(f"internal error: {type(exc).__name__}"))
+        return _response(InternalError(f"internal error: {type(exc).__name__}"), request)

@@ -123,6 +123,7 @@ async def _complete(
     run: Run,
     build: Callable[[list[fmt.ChoiceAccumulator]], dict[str, Any]],
     metrics: Any,
+    tokens: Callable[[dict[str, Any]], int] = lambda body: int(body["usage"]["completion_tokens"]),
 ) -> JSONResponse:
     async def collect() -> dict[str, Any]:
         async with run:
@@ -147,7 +148,7 @@ async def _complete(
     except APIError as exc:
         metrics.request_done(str(exc.status))
         raise
-    metrics.observe_run(run, body["usage"]["completion_tokens"])
+    metrics.observe_run(run, tokens(body))
     metrics.request_done("200")
     return JSONResponse(body, headers=_cache_headers(run))
 
