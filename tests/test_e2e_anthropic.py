@@ -125,3 +125,18 @@ def test_errors_have_anthropic_shape(server: Server, claude):
     )
     assert raw.status_code == 400 and raw.json()["type"] == "error"
     assert "max_tokens" in raw.json()["error"]["message"]
+
+
+def test_stop_sequences_report_which_one_matched(claude):
+    free = claude.messages.create(model=MODEL, max_tokens=24, messages=HELLO, temperature=0.0)
+    text = free.content[0].text
+    word = next((w for w in text.split() if len(w) > 2), None)
+    if word is None:
+        pytest.skip("the demo model wrote no usable word to stop at")
+    kwargs = {"model": MODEL, "max_tokens": 24, "messages": HELLO, "temperature": 0.0}
+    msg = claude.messages.create(**kwargs, stop_sequences=["zzqx", word])
+    assert msg.stop_reason == "stop_sequence" and msg.stop_sequence == word
+    assert word not in msg.content[0].text
+    with claude.messages.stream(**kwargs, stop_sequences=[word]) as stream:
+        final = stream.get_final_message()
+    assert final.stop_reason == "stop_sequence" and final.stop_sequence == word

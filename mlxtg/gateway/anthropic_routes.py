@@ -252,6 +252,12 @@ def _usage(run: Run, output_tokens: int) -> dict[str, int]:
     }
 
 
+def stop_reason(finish: str | None, stop_sequence: str | None) -> str:
+    if stop_sequence is not None and finish == "stop":
+        return "stop_sequence"
+    return STOP_REASONS.get(finish or "", "end_turn")
+
+
 def _tool_block(call: dict[str, Any]) -> dict[str, Any]:
     fn = call["function"]
     try:
@@ -273,8 +279,8 @@ def _message_body(rid: str, model: str, run: Run, acc: fmt.ChoiceAccumulator) ->
         "role": "assistant",
         "model": model,
         "content": content,
-        "stop_reason": STOP_REASONS.get(acc.finish_reason or "", "end_turn"),
-        "stop_sequence": None,
+        "stop_reason": stop_reason(acc.finish_reason, acc.stop_sequence),
+        "stop_sequence": acc.stop_sequence,
         "usage": _usage(run, acc.completion_tokens),
     }
 
@@ -369,7 +375,7 @@ async def _stream(run: Run, model: str, rid: str, metrics: Any) -> StreamingResp
             }
             yield _event("message_start", {"message": message})
             yield _event("ping", {})
-            blocks, reason = _Blocks(), None
+            blocks, reason, matched = _Blocks(), None, None
             async for _, delta in _with_keepalive(run.events()):
                 if delta is None:
                     yield _event("ping", {})
@@ -377,15 +383,16 @@ async def _stream(run: Run, model: str, rid: str, metrics: Any) -> StreamingResp
                 output_tokens += len(delta.token_ids)
                 for event in blocks.feed(delta):
                     yield event
-                reason = delta.finish_reason or reason
+                if delta.finish_reason is not None:
+                    reason, matched = delta.finish_reason, delta.stop_sequence
             for event in blocks.close():
                 yield event
             yield _event(
                 "message_delta",
                 {
                     "delta": {
-                        "stop_reason": STOP_REASONS.get(reason or "", "end_turn"),
-                        "stop_sequence": None,
+                        "stop_reason": stop_reason(reason, matched),
+                        "stop_sequence": matched,
                     },
                     "usage": {"output_tokens": output_tokens},
                 },

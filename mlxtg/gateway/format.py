@@ -57,6 +57,7 @@ class ChoiceAccumulator:
     tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
     finish_reason: str | None = None
     completion_tokens: int = 0
+    stop_sequence: str | None = None
 
     def add(self, delta: Delta) -> None:
         if delta.text:
@@ -77,6 +78,7 @@ class ChoiceAccumulator:
         if delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason
             self.completion_tokens = delta.completion_tokens
+            self.stop_sequence = delta.stop_sequence
 
     def chat_choice(self) -> dict[str, Any]:
         content = "".join(self.text)

@@ -176,6 +176,7 @@ class Delta(Message):
     finish_reason: str | None = None
     # Set on the final delta of a choice.
     completion_tokens: int = 0
+    stop_sequence: str | None = None  # the stop string that ended it, if one did
 
 
 @dataclass(slots=True)

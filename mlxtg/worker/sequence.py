@@ -110,6 +110,7 @@ class Sequence:
             tool_calls=tool_calls,
             finish_reason=reason,
             completion_tokens=len(self.output),
+            stop_sequence=self.text.matched if reason is not None else None,
         )
 
 

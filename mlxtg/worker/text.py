@@ -14,13 +14,14 @@ from typing import Any
 class TextStream:
     """Detokenises one sequence token by token and applies its stop strings."""
 
-    __slots__ = ("_detok", "_stops", "_pending", "stopped")
+    __slots__ = ("_detok", "_stops", "_pending", "stopped", "matched")
 
     def __init__(self, detokenizer: Any, stops: list[str]):
         self._detok = detokenizer
         self._stops = [s for s in stops if s]
         self._pending = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
 
     def push(self, token: int) -> str:
         """Add one token; return the text that is now safe to emit."""
@@ -39,8 +40,9 @@ class TextStream:
         if not self._stops or not text:
             self._pending = ""
             return text
-        cut = min((i for i in (text.find(s) for s in self._stops) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, s) for s in self._stops if (i := text.find(s)) >= 0]
+        if found:
+            cut, self.matched = min(found, key=lambda f: f[0])
             self._pending = ""
             self.stopped = True
             return text[:cut]
