@@ -24,8 +24,8 @@ from ..worker.params import SamplingParams
 from . import format as fmt
 from .deps import Client, Metrics
 from .errors import APIError, BadRequest, Unauthorized
-from .openai_routes import ACCEPT_WAIT_S, KEEPALIVE_S, _cache_headers, _complete, _with_keepalive
 from .run import Run
+from .streaming import ACCEPT_WAIT_S, KEEPALIVE_S, cache_headers, collect, with_keepalive
 
 
 async def require_anthropic_key(request: Request) -> None:
@@ -215,7 +215,7 @@ async def messages(
     run = Run(client, [_generate(body, rid)], 1)
     if body.stream:
         return await _stream(run, body.model, rid, metrics)
-    return await _complete(
+    return await collect(
         request,
         run,
         lambda accs: _message_body(rid, body.model, run, accs[0]),
@@ -352,7 +352,7 @@ async def _stream(run: Run, model: str, rid: str, metrics: Any) -> StreamingResp
     except BaseException:
         await run.__aexit__(None, None, None)
         raise
-    headers = _cache_headers(run) if accepted else {}
+    headers = cache_headers(run) if accepted else {}
     headers["Cache-Control"] = "no-cache"
 
     async def body() -> AsyncIterator[bytes]:
@@ -376,7 +376,7 @@ async def _stream(run: Run, model: str, rid: str, metrics: Any) -> StreamingResp
             yield _event("message_start", {"message": message})
             yield _event("ping", {})
             blocks, reason, matched = _Blocks(), None, None
-            async for _, delta in _with_keepalive(run.events()):
+            async for _, delta in with_keepalive(run.events()):
                 if delta is None:
                     yield _event("ping", {})
                     continue

@@ -8,14 +8,13 @@ streams them as SSE. A client that disconnects aborts its request at the next st
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from ..protocol import Delta, Generate
 from . import format as fmt
@@ -23,11 +22,9 @@ from .deps import Client, Metrics, Settings
 from .errors import APIError, BadRequest
 from .run import Run
 from .schemas import ChatCompletionRequest, CompletionRequest
+from .streaming import ACCEPT_WAIT_S, KEEPALIVE_S, cache_headers, collect, with_keepalive
 
 router = APIRouter(prefix="/v1")
-
-ACCEPT_WAIT_S = 2.0  # how long a stream waits for validation before sending headers
-KEEPALIVE_S = 5.0
 
 
 def _guided(body: Any) -> dict[str, Any] | None:
@@ -73,7 +70,7 @@ async def chat_completions(
     run = Run(client, [gen], body.n)
     if body.stream:
         return await _stream(request, run, body.model, rid, body.include_usage, metrics, chat=True)
-    return await _complete(request, run, lambda acc: _chat_body(rid, body.model, run, acc), metrics)
+    return await collect(request, run, lambda acc: _chat_body(rid, body.model, run, acc), metrics)
 
 
 @router.post("/completions")
@@ -107,65 +104,12 @@ async def completions(
         return await _stream(
             request, run, body.model, rid, body.include_usage, metrics, chat=False, echoes=echoes
         )
-    return await _complete(
+    return await collect(
         request,
         run,
         lambda acc: _completion_body(rid, body.model, run, acc, echoes, body.n),
         metrics,
     )
-
-
-# --- non-streamed ---------------------------------------------------------------------------
-
-
-async def _complete(
-    request: Request,
-    run: Run,
-    build: Callable[[list[fmt.ChoiceAccumulator]], dict[str, Any]],
-    metrics: Any,
-    tokens: Callable[[dict[str, Any]], int] = lambda body: int(body["usage"]["completion_tokens"]),
-) -> JSONResponse:
-    async def collect() -> dict[str, Any]:
-        async with run:
-            await run.accept()
-            accs: dict[int, fmt.ChoiceAccumulator] = {}
-            async for index, delta in run.events():
-                accs.setdefault(index, fmt.ChoiceAccumulator(index)).add(delta)
-            return build([accs[i] for i in sorted(accs)])
-
-    task = asyncio.ensure_future(collect())
-    gone = asyncio.ensure_future(_disconnected(request))
-    done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    if task not in done:  # the client left: cancelling the task aborts the request
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, APIError):
-            await task
-        metrics.request_done("aborted")
-        return JSONResponse({}, status_code=499)
-    gone.cancel()
-    try:
-        body = task.result()
-    except APIError as exc:
-        metrics.request_done(str(exc.status))
-        raise
-    metrics.observe_run(run, tokens(body))
-    metrics.request_done("200")
-    return JSONResponse(body, headers=_cache_headers(run))
-
-
-async def _disconnected(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-def _cache_headers(run: Run) -> dict[str, str]:
-    facts = run.facts[0]
-    value = f"{facts.cache_source}; cached_tokens={run.cached_tokens}"
-    if facts.cache_miss_reason:
-        value += f"; miss={facts.cache_miss_reason}"
-    return {"x-mlxtg-cache": value}
 
 
 def _chat_body(rid: str, model: str, run: Run, accs: list[fmt.ChoiceAccumulator]) -> dict[str, Any]:
@@ -213,7 +157,7 @@ async def _stream(
     except BaseException:
         await run.__aexit__(None, None, None)
         raise
-    headers = _cache_headers(run) if accepted else {}
+    headers = cache_headers(run) if accepted else {}
     headers["Cache-Control"] = "no-cache"
     headers["X-Accel-Buffering"] = "no"
 
@@ -231,7 +175,7 @@ async def _stream(
                     yield fmt.SSE_KEEPALIVE
             started: set[int] = set()
             last_token_at: dict[int, float] = {}
-            async for index, delta in _with_keepalive(run.events()):
+            async for index, delta in with_keepalive(run.events()):
                 if delta is None:
                     yield fmt.SSE_KEEPALIVE
                     continue
@@ -267,28 +211,6 @@ async def _stream(
             metrics.request_done(status)
 
     return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
-
-
-async def _with_keepalive(
-    events: AsyncIterator[tuple[int, Delta]],
-) -> AsyncIterator[tuple[int, Delta | None]]:
-    """Yield (index, None) every KEEPALIVE_S while nothing arrives (long prefill)."""
-    it = events.__aiter__()
-    nxt = asyncio.ensure_future(it.__anext__())
-    try:
-        while True:
-            done, _ = await asyncio.wait({nxt}, timeout=KEEPALIVE_S)
-            if not done:
-                yield -1, None
-                continue
-            try:
-                item = nxt.result()
-            except StopAsyncIteration:
-                return
-            yield item
-            nxt = asyncio.ensure_future(it.__anext__())
-    finally:
-        nxt.cancel()
 
 
 def _chunks(
