@@ -17,6 +17,7 @@ from .deps import Client, Metrics, require_key
 from .errors import BadRequest, NotFound, Unavailable, install_handlers
 from .metrics import GatewayMetrics
 from .openai_routes import router as openai_router
+from .responses_routes import router as responses_router
 from .settings import GatewaySettings
 
 log = logging.getLogger("mlxtg.gateway")
@@ -38,6 +39,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.state.metrics = GatewayMetrics()
     install_handlers(app)
     app.include_router(openai_router, dependencies=[Depends(require_key)])
+    app.include_router(responses_router, dependencies=[Depends(require_key)])
     app.include_router(anthropic_router)  # its own auth: x-api-key or Bearer
     app.include_router(_admin_router(), dependencies=[Depends(require_key)])
 
