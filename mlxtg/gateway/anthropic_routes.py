@@ -25,7 +25,7 @@ from . import format as fmt
 from .deps import Client, Metrics
 from .errors import APIError, BadRequest, Unauthorized
 from .run import Run
-from .streaming import ACCEPT_WAIT_S, KEEPALIVE_S, cache_headers, collect, with_keepalive
+from .streaming import KEEPALIVE_S, collect, open_stream, with_keepalive
 
 
 async def require_anthropic_key(request: Request) -> None:
@@ -346,14 +346,7 @@ class _Blocks:
 
 
 async def _stream(run: Run, model: str, rid: str, metrics: Any) -> StreamingResponse:
-    await run.__aenter__()
-    try:
-        accepted = await run.accept(timeout=ACCEPT_WAIT_S)
-    except BaseException:
-        await run.__aexit__(None, None, None)
-        raise
-    headers = cache_headers(run) if accepted else {}
-    headers["Cache-Control"] = "no-cache"
+    accepted, headers = await open_stream(run)
 
     async def body() -> AsyncIterator[bytes]:
         output_tokens, status = 0, "200"

@@ -22,7 +22,7 @@ from .deps import Client, Metrics, Settings
 from .errors import APIError, BadRequest
 from .run import Run
 from .schemas import ChatCompletionRequest, CompletionRequest
-from .streaming import ACCEPT_WAIT_S, KEEPALIVE_S, cache_headers, collect, with_keepalive
+from .streaming import KEEPALIVE_S, collect, open_stream, with_keepalive
 
 router = APIRouter(prefix="/v1")
 
@@ -151,15 +151,7 @@ async def _stream(
     chat: bool,
     echoes: list[str] | None = None,
 ) -> StreamingResponse:
-    await run.__aenter__()
-    try:
-        accepted = await run.accept(timeout=ACCEPT_WAIT_S)
-    except BaseException:
-        await run.__aexit__(None, None, None)
-        raise
-    headers = cache_headers(run) if accepted else {}
-    headers["Cache-Control"] = "no-cache"
-    headers["X-Accel-Buffering"] = "no"
+    accepted, headers = await open_stream(run)
 
     async def body() -> AsyncIterator[bytes]:
         completion_tokens = 0

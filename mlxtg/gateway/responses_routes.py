@@ -26,7 +26,7 @@ from .deps import Client, Metrics
 from .errors import APIError, BadRequest, NotFound
 from .response_store import ResponseStore
 from .run import Run
-from .streaming import ACCEPT_WAIT_S, cache_headers, collect, with_keepalive
+from .streaming import collect, open_stream, with_keepalive
 
 router = APIRouter(prefix="/v1")
 
@@ -355,14 +355,7 @@ class _Events:
 async def _stream(
     run: Run, shell: dict[str, Any], rid: str, finish: Any, metrics: Any
 ) -> StreamingResponse:
-    await run.__aenter__()
-    try:
-        await run.accept(timeout=ACCEPT_WAIT_S)
-    except BaseException:
-        await run.__aexit__(None, None, None)
-        raise
-    headers = cache_headers(run)
-    headers["Cache-Control"] = "no-cache"
+    _, headers = await open_stream(run)
 
     async def body() -> AsyncIterator[bytes]:
         ev, acc, status = _Events(), fmt.ChoiceAccumulator(0), "200"

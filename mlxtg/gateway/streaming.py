@@ -55,6 +55,21 @@ async def collect(
     return JSONResponse(body, headers=cache_headers(run))
 
 
+async def open_stream(run: Run) -> tuple[bool, dict[str, str]]:
+    """Start a streamed run: wait briefly for validation, so a bad request is still a plain
+    HTTP error; returns (accepted yet, response headers). The caller closes the run."""
+    await run.__aenter__()
+    try:
+        accepted = await run.accept(timeout=ACCEPT_WAIT_S)
+    except BaseException:
+        await run.__aexit__(None, None, None)
+        raise
+    headers = cache_headers(run) if accepted else {}
+    headers["Cache-Control"] = "no-cache"
+    headers["X-Accel-Buffering"] = "no"
+    return accepted, headers
+
+
 async def disconnected(request: Request) -> None:
     while True:
         message = await request.receive()
