@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import openai
@@ -267,3 +268,74 @@ def test_status_cli_shows_three_roles(server: Server):
         check=True,
     ).stdout
     assert "gateway" in text and "supervisor" in text and "worker" in text
+
+
+def _post(server: Server, path: str, body: dict) -> httpx.Response:
+    # json.dumps escapes lone surrogates as \\udXXX, as a JSON client would send them.
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    return httpx.post(f"{server.url}{path}", content=json.dumps(body), headers=headers, timeout=60)
+
+
+def test_explicit_nulls_mean_the_defaults(server: Server):
+    nulls = dict.fromkeys(
+        ("n", "temperature", "top_p", "frequency_penalty", "presence_penalty", "stream", "logprobs")
+    )
+    chat = _post(
+        server,
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": HELLO, "max_tokens": 3, **nulls},
+    )
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["choices"][0]["message"]["refusal"] is None
+    comp = _post(
+        server,
+        "/v1/completions",
+        {"model": MODEL, "prompt": "Hi", "max_tokens": 3, "echo": None, **nulls},
+    )
+    assert comp.status_code == 200, comp.text
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"seed": 2**70}, "seed"),
+        ({"max_tokens": 2**70}, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "hi", "extra": 2**70}]}, "64-bit"),
+        ({"messages": [{"role": "user", "content": "bad \ud800 text"}]}, "Unicode"),
+        ({"stop": ["\udfff"]}, "Unicode"),
+    ],
+)
+def test_out_of_range_numbers_and_bad_unicode_are_400(server: Server, body: dict, needle: str):
+    r = _post(
+        server, "/v1/chat/completions", {"model": MODEL, "messages": HELLO, "max_tokens": 2, **body}
+    )
+    assert r.status_code == 400, r.text
+    assert needle in r.json()["error"]["message"] or r.json()["error"]["param"] == needle
+
+
+def test_negative_seed_means_random(server: Server):
+    r = _post(
+        server,
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": HELLO, "max_tokens": 2, "seed": -1},
+    )
+    assert r.status_code == 200, r.text
+
+
+def test_stream_chunks_carry_refusal(client):
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=HELLO, max_tokens=3, stream=True, logprobs=True
+        )
+    )
+    assert chunks[0].choices[0].delta.refusal is None
+    assert "refusal" in chunks[0].choices[0].delta.model_fields_set
+    with_lp = [c for c in chunks if c.choices and c.choices[0].logprobs is not None]
+    assert with_lp and "refusal" in with_lp[0].choices[0].logprobs.model_fields_set
+
+
+def test_unknown_route_is_an_openai_404_naming_the_endpoints(server: Server):
+    r = _post(server, "/v1/chat/complete", {"model": MODEL})
+    assert r.status_code == 404
+    err = r.json()["error"]
+    assert "/v1/chat/completions" in err["message"] and err["code"] == "not_found"

@@ -25,6 +25,7 @@ from . import format as fmt
 from .deps import Client, Metrics
 from .errors import APIError, BadRequest, Unauthorized
 from .run import Run
+from .schemas import NullMeansDefault
 from .streaming import KEEPALIVE_S, collect, open_stream, with_keepalive
 
 
@@ -52,7 +53,7 @@ class AnthropicMessage(BaseModel):
     content: str | list[dict[str, Any]]
 
 
-class MessagesRequest(BaseModel):
+class MessagesRequest(NullMeansDefault):
     model_config = ConfigDict(extra="allow")
     model: str
     messages: list[AnthropicMessage] = Field(min_length=1)

@@ -30,7 +30,7 @@ from ..protocol import (
     decode,
     encode,
 )
-from .errors import Unavailable
+from .errors import BadRequest, Unavailable
 
 log = logging.getLogger("mlxtg.gateway")
 
@@ -91,7 +91,16 @@ class SupervisorClient:
     async def _send(self, msg: Message) -> None:
         if self._sock is None:
             raise Unavailable("not connected to the supervisor")
-        await self._sock.send_multipart(encode(msg))
+        try:
+            frames = encode(msg)
+        except (OverflowError, UnicodeEncodeError, ValueError) as exc:
+            # Anything a client can put where the schema does not look (unknown keys in a
+            # message or a tool schema): a number msgpack cannot hold, a lone surrogate.
+            raise BadRequest(
+                "the request holds a number outside the 64-bit range or text that is not "
+                f"valid Unicode ({type(exc).__name__})"
+            ) from None
+        await self._sock.send_multipart(frames)
 
     @contextlib.asynccontextmanager
     async def generate(

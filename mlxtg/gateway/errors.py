@@ -138,7 +138,14 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         cls = _BY_STATUS.get(exc.status_code, BadRequest)
-        err = cls(str(exc.detail))
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            served = sorted(request.app.openapi().get("paths", {}))
+            message = (
+                f"Unknown endpoint {request.method} {request.url.path}; "
+                f"this server serves: {', '.join(served)}"
+            )
+        err = cls(message, code="not_found" if exc.status_code == 404 else None)
         err.status = exc.status_code
         return _response(err, request)
 

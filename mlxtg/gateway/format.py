@@ -20,6 +20,7 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
 
 def chat_logprobs(entries: list[LogprobEntry]) -> dict[str, Any]:
     return {
+        "refusal": None,  # required (nullable) by OpenAI's schema
         "content": [
             {
                 "token": e.token,
@@ -28,7 +29,7 @@ def chat_logprobs(entries: list[LogprobEntry]) -> dict[str, Any]:
                 "top_logprobs": [{"token": t, "logprob": lp, "bytes": b} for t, lp, b in e.top],
             }
             for e in entries
-        ]
+        ],
     }
 
 
@@ -82,7 +83,7 @@ class ChoiceAccumulator:
 
     def chat_choice(self) -> dict[str, Any]:
         content = "".join(self.text)
-        message: dict[str, Any] = {"role": "assistant", "content": content}
+        message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
         if self.tool_calls:
             message["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
             message["content"] = content or None

@@ -221,7 +221,13 @@ def _chunks(
         if index not in started:
             started.add(index)
             out.append(
-                fmt.chat_chunk(rid, created, model, index, {"role": "assistant", "content": ""})
+                fmt.chat_chunk(
+                    rid,
+                    created,
+                    model,
+                    index,
+                    {"role": "assistant", "content": "", "refusal": None},
+                )
             )
         d = fmt.chat_delta(delta)
         lp = fmt.chat_logprobs(delta.logprobs) if delta.logprobs else None

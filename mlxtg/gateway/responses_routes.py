@@ -16,7 +16,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from .. import paths
 from ..protocol import Generate
@@ -26,12 +26,13 @@ from .deps import Client, Metrics
 from .errors import APIError, BadRequest, NotFound
 from .response_store import ResponseStore
 from .run import Run
+from .schemas import NullMeansDefault
 from .streaming import collect, open_stream, with_keepalive
 
 router = APIRouter(prefix="/v1")
 
 
-class ResponsesRequest(BaseModel):
+class ResponsesRequest(NullMeansDefault):
     model_config = ConfigDict(extra="allow")
     model: str
     input: str | list[dict[str, Any]]

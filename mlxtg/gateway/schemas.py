@@ -26,12 +26,34 @@ _GUIDED_FIELDS = (
 )
 
 
+INT64 = 2**63 - 1
+
+
+class NullMeansDefault(BaseModel):
+    """Explicit `null` for a field with a default means the default: the official SDKs send
+    null whenever a caller passes None (`temperature=cfg.get("temperature")`)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            fields = cls.model_fields
+            drop = [
+                k
+                for k, v in data.items()
+                if v is None and k in fields and fields[k].get_default() is not None
+            ]
+            if drop:
+                data = {k: v for k, v in data.items() if k not in drop}
+        return data
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
     include_usage: bool = False
 
 
-class _Common(BaseModel):
+class _Common(NullMeansDefault):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model_config = ConfigDict(extra="allow", protected_namespaces=())
@@ -45,12 +67,12 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=INT64)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     logit_bias: dict[str, float] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=INT64)  # < 0: random, as llama.cpp
     user: str | None = None
     prompt_cache_key: str | None = None
     ignore_eos: bool = False
@@ -106,7 +128,7 @@ class _Common(BaseModel):
             frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty,
             logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
-            seed=self.seed,
+            seed=self.seed if self.seed is None or self.seed >= 0 else None,
             stop=self.stop_list(),
             max_tokens=max_tokens,
             logprobs=logprobs,
@@ -150,7 +172,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT64)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
@@ -191,7 +213,7 @@ class CompletionRequest(_Common):
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: int | None = Field(default=16, ge=1, le=INT64)
 
     @field_validator("prompt")
     @classmethod
