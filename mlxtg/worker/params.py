@@ -33,6 +33,10 @@ class RequestError(ValueError):
         self.retry_after = retry_after
 
 
+MIN_TEMPERATURE = 1e-3
+MIN_REPETITION_PENALTY = 1e-3  # smaller ones overflow the logits they multiply
+
+
 @dataclass(slots=True)
 class SamplingParams:
     temperature: float = 1.0
@@ -53,7 +57,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0
+        # Below this, dividing logits by the temperature only risks inf/NaN (1e-38 is a valid
+        # temperature per OpenAI's spec); the distribution is already all on the argmax.
+        return self.temperature < MIN_TEMPERATURE
 
     @property
     def needs_filtering(self) -> bool:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 import numpy as np
 
-from .params import SamplingParams
+from .params import MIN_REPETITION_PENALTY, SamplingParams
 
 if TYPE_CHECKING:
     from .guided import GuideState
@@ -159,7 +159,7 @@ def _apply_penalties(x: mx.array, rows: list[RowState], vocab: int) -> mx.array:
         seen[i] = r.seen[:vocab]
         presence[i] = r.params.presence_penalty
         frequency[i] = r.params.frequency_penalty
-        repetition[i] = r.params.repetition_penalty
+        repetition[i] = max(r.params.repetition_penalty, MIN_REPETITION_PENALTY)
     c = mx.array(counts)
     x = x - mx.array(frequency) * c - mx.array(presence) * (c > 0)
     rep = mx.array(repetition)
