@@ -78,6 +78,13 @@ def up(
             help="Preload OpenBLAS into workers on Linux when present.",
         ),
     ] = True,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--cors-origin",
+            help="Allow browser requests from this origin (repeatable; '*' for any). Off by default.",
+        ),
+    ] = None,
     batched_prefill: Annotated[
         bool | None,
         typer.Option(
@@ -110,6 +117,7 @@ def up(
         "cache_min_tokens": cache_min_tokens,
         "fast_blas": fast_blas,
         "batched_prefill": batched_prefill,
+        "cors_origins": cors_origin or None,
     }
     try:
         settings = build_settings(config, model, overrides)
@@ -140,6 +148,7 @@ def _serve(settings: Any) -> int:
             "host": settings.host,
             "port": settings.port,
             "api_keys": settings.api_keys,
+            "cors_origins": settings.cors_origins,
         }
     )
     url = f"http://{settings.host}:{settings.port}"

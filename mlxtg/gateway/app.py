@@ -38,6 +38,17 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = GatewayMetrics()
     install_handlers(app)
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        # Browser apps (playgrounds, web UIs) on other origins; preflights answered here.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["x-mlxtg-cache"],
+        )
     app.include_router(openai_router, dependencies=[Depends(require_key)])
     app.include_router(responses_router, dependencies=[Depends(require_key)])
     app.include_router(anthropic_router)  # its own auth: x-api-key or Bearer

@@ -13,6 +13,7 @@ class GatewaySettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 5001
     api_keys: list[str] = Field(default_factory=list)
+    cors_origins: list[str] = Field(default_factory=list)
 
     @classmethod
     def from_env(cls) -> GatewaySettings:

@@ -28,6 +28,7 @@ class ServerSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=5001, ge=0, le=65535)
     api_keys: list[str] = Field(default_factory=list)
+    cors_origins: list[str] = Field(default_factory=list)  # browser origins allowed; none: CORS off
     models: list[ModelSpec] = Field(default_factory=list)
     max_resident_models: int = Field(default=1, ge=1)
     memory_budget_gb: float | None = Field(default=None, gt=0)
