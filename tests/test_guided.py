@@ -28,6 +28,7 @@ from pydantic import ConfigDict, Field, create_model
 from mlxtg.worker import guided
 from mlxtg.worker.guided import GuidedCompiler, GuidedError, apply_masks, spec_from_request
 from mlxtg.worker.guided import GuidedSpec as G
+from mlxtg.worker.schema_defaults import INT64_MAX, INT64_MIN, with_defaults
 
 RF, SO = "response_format", "structured_outputs"
 
@@ -241,7 +242,7 @@ def test_invalid_constraints_raise(compiler, spec, match):
 
 
 SCHEMA = obj(b=INT, a=STR)  # property order is kept (not sorted) in the spec text
-ST = json.dumps(SCHEMA, separators=(",", ":"))
+ST = json.dumps(with_defaults(SCHEMA), separators=(",", ":"))  # closed, int64-bounded
 JS = {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA, "strict": True}}
 
 
@@ -398,3 +399,35 @@ def test_apply_masks_bool_and_packed(compiler):
     assert apply_masks(logits, [], bools) is logits
     narrow = apply_masks(logits, [0], bools[:1, :100])  # missing mask columns are disallowed
     assert np.isinf(np.array(narrow[0, 100:].astype(mx.float32))).all()
+
+
+def test_schemas_get_closed_objects_and_int64_integers_unless_they_say_otherwise():
+    pydantic_like = {
+        "type": "object",
+        "properties": {
+            "n": {"type": "integer"},
+            "kids": {"type": "array", "items": {"$ref": "#/$defs/Kid"}},
+            "tags": {"type": "object"},  # no declared keys: any object
+            "bounded": {"type": "integer", "minimum": 0},
+        },
+        "$defs": {"Kid": {"type": "object", "properties": {"age": {"type": ["integer", "null"]}}}},
+    }
+    got = with_defaults(pydantic_like)
+    assert got["additionalProperties"] is False
+    assert got["$defs"]["Kid"]["additionalProperties"] is False
+    assert "additionalProperties" not in got["properties"]["tags"]
+    assert (got["properties"]["n"]["minimum"], got["properties"]["n"]["maximum"]) == (
+        INT64_MIN,
+        INT64_MAX,
+    )
+    assert got["properties"]["bounded"]["minimum"] == 0
+    assert got["$defs"]["Kid"]["properties"]["age"]["maximum"] == INT64_MAX
+    open_obj = {"type": "object", "properties": {"a": {}}, "additionalProperties": True}
+    assert with_defaults(open_obj)["additionalProperties"] is True
+    assert "additionalProperties" not in with_defaults(pydantic_like, close_objects=False)
+    spec = spec_from_request({"guided_json": pydantic_like})
+    assert '"additionalProperties":false' in spec.value
+    spec = spec_from_request(
+        {"guided_json": pydantic_like, "guided_allow_additional_properties": True}
+    )
+    assert '"additionalProperties":false' not in spec.value

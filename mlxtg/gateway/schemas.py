@@ -21,6 +21,7 @@ _GUIDED_FIELDS = (
     "guided_choice",
     "guided_grammar",
     "guided_whitespace_pattern",
+    "guided_allow_additional_properties",
     "response_format",
     "structured_outputs",
 )
@@ -82,6 +83,8 @@ class _Common(NullMeansDefault):
     guided_choice: list[Any] | None = None
     guided_grammar: str | None = None
     guided_whitespace_pattern: str | None = None
+    # Opt-out: objects without "additionalProperties" stay open, as JSON Schema's letter says.
+    guided_allow_additional_properties: bool | None = None
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
 

@@ -74,10 +74,13 @@ def _load_schema(value: Any, param: str) -> dict[str, Any]:
     return value
 
 
-def _make_spec(kind: str, value: Any, param: str) -> GuidedSpec:
+def _make_spec(kind: str, value: Any, param: str, close_objects: bool = True) -> GuidedSpec:
     if kind == "json":
         # Keys are not sorted: property order in the schema is the order the model writes.
-        text = json.dumps(_load_schema(value, param), ensure_ascii=False, separators=(",", ":"))
+        from .schema_defaults import with_defaults
+
+        schema = with_defaults(_load_schema(value, param), close_objects=close_objects)
+        text = json.dumps(schema, ensure_ascii=False, separators=(",", ":"))
         return GuidedSpec("json", text, param)
     if kind == "choice":
         if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
@@ -121,7 +124,8 @@ def spec_from_request(body: dict[str, Any]) -> GuidedSpec | None:
 
     Accepts guided_json / guided_regex / guided_choice / guided_grammar, response_format
     (json_object, json_schema, text), vLLM's structured_outputs and guided_whitespace_pattern.
-    Fields set to null count as absent. Raises GuidedError naming the field for conflicting
+    Fields set to null count as absent. JSON schemas get closed objects and 64-bit integers
+    by default (schema_defaults.py). Raises GuidedError naming the field for conflicting
     or malformed constraints."""
     found = _candidates(body)
     if len(found) > 1:
@@ -133,7 +137,8 @@ def spec_from_request(body: dict[str, Any]) -> GuidedSpec | None:
         raise GuidedError("whitespace pattern must be a string", "guided_whitespace_pattern")
     if not found:
         return None
-    spec = _make_spec(found[0][1], found[0][2], found[0][0])
+    close = not body.get("guided_allow_additional_properties")
+    spec = _make_spec(found[0][1], found[0][2], found[0][0], close_objects=close)
     return GuidedSpec(spec.kind, spec.value, spec.param, ws) if ws is not None else spec
 
 

@@ -100,9 +100,12 @@ def _args_schema(fn: dict[str, Any]) -> dict[str, Any]:
     params = fn.get("parameters")
     schema = dict(params) if params else dict(_NO_PARAMETERS)
     schema.setdefault("type", "object")
-    # Like OpenAI's strict mode: a forced call names only the declared arguments (a tool
-    # that wants free-form keys says so with "additionalProperties").
-    schema.setdefault("additionalProperties", False)
+    # Like OpenAI's strict mode: a forced call names only the declared arguments, at every
+    # level, and integers fit in 64 bits (a tool that wants free-form keys says so with
+    # "additionalProperties").
+    from .schema_defaults import with_defaults
+
+    schema = with_defaults(schema)
     schema["x-guidance"] = {**schema.get("x-guidance", {}), **_JSON_STYLE}
     return schema
 
