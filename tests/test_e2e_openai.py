@@ -164,18 +164,22 @@ def test_seed_reproducible_and_penalties_bias_accepted(client):
     a = client.chat.completions.create(**kw).choices[0].message.content
     b = client.chat.completions.create(**kw).choices[0].message.content
     assert a == b
-    r = client.chat.completions.create(
+    penalised = dict(
         model=MODEL,
         messages=HELLO,
         max_tokens=8,
         temperature=0,
         presence_penalty=1.0,
         frequency_penalty=0.5,
+        logprobs=True,
         extra_body={"repetition_penalty": 1.2},
-        logit_bias={"5": 100},
     )
-    # A +100 bias makes token 5 the greedy choice at every step.
-    assert r.usage.completion_tokens == 8
+    free = client.chat.completions.create(**penalised)
+    r = client.chat.completions.create(**penalised, logit_bias={"5": 100})
+    # A +100 bias makes token 5 the greedy choice at every step, penalties or not.
+    biased = [e.token for e in r.choices[0].logprobs.content]
+    assert r.usage.completion_tokens == 8 and len(biased) == 8 and len(set(biased)) == 1
+    assert [e.token for e in free.choices[0].logprobs.content] != biased
 
 
 @pytest.mark.parametrize(
