@@ -356,7 +356,7 @@ class Engine:
             rids = list(dict.fromkeys(v.request_id for v in victims))
             for rid in rids:
                 self._abort(rid)
-            if victims is self.scheduler.running or any(isinstance(v, Sequence) for v in victims):
+            if any(isinstance(v, Sequence) for v in victims):  # the decode batch was hit
                 self.runner.pending = None
                 self._next_inputs = None
             status = exc.status if isinstance(exc, RequestError) else 500

@@ -19,8 +19,6 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
-from .prompt_cache import plain
-
 
 class ModelRunner:
     """Owns the model's tensors: the batch cache and the in-flight decode logits."""
@@ -76,10 +74,6 @@ class ModelRunner:
         mx.eval(last, [c.state for c in batch])
         self.prompt_tokens_computed += sum(lengths)
         return batch, last
-
-    @staticmethod
-    def batchable(cache: list[Any]) -> bool:
-        return plain(cache)
 
     # --- the decode batch ------------------------------------------------------------------
 
