@@ -13,6 +13,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+DONE = object()  # the `data: [DONE]` sentinel
+
+
+def sse_json(line: str) -> Any:
+    """The JSON of one SSE `data:` line; None for any other line, DONE for `[DONE]`."""
+    if not line.startswith("data:"):
+        return None
+    data = line[5:].strip()
+    return DONE if data == "[DONE]" else json.loads(data)
+
 
 @dataclass
 class StreamResult:
@@ -56,13 +66,12 @@ async def _stream_once(client: Any, url: str, body: dict[str, Any], timeout: flo
                     res.error = f"HTTP {resp.status_code}: {text[:500]}"
                     return res
                 async for line in resp.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
+                    obj = sse_json(line)
                     now = time.perf_counter()
-                    if data == "[DONE]":
+                    if obj is None:
+                        continue
+                    if obj is DONE:
                         break
-                    obj = json.loads(data)
                     if "error" in obj:
                         res.error = f"error event: {json.dumps(obj)[:500]}"
                         return res
@@ -222,13 +231,12 @@ def stream_chat(client: Any, url: str, body: dict[str, Any], timeout: float) -> 
             for line in resp.iter_lines():
                 if time.perf_counter() - t0 > timeout:
                     raise TimeoutError(f"timed out after {timeout:.0f}s")
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
+                obj = sse_json(line)
                 now = time.perf_counter() - t0
-                if data == "[DONE]":
+                if obj is None:
+                    continue
+                if obj is DONE:
                     break
-                obj = json.loads(data)
                 if "error" in obj:
                     rep.error = f"error event: {json.dumps(obj)[:800]}"
                     return rep
