@@ -401,8 +401,8 @@ def test_grammar_errors() -> None:
     assert "now" in flat and "get_weather" not in flat
     with pytest.raises(ValueError, match="tool_choice must be"):
         tool_call_grammar(TOOLS, {"type": "function"})
-    with pytest.raises(ValueError, match="does not force"):
-        tool_call_grammar(TOOLS, "auto")
+    with pytest.raises(ValueError, match="does not call tools"):
+        tool_call_grammar(TOOLS, "none")
     with pytest.raises(ValueError, match="at least one tool"):
         tool_call_grammar([], "required")
     with pytest.raises(ValueError, match="format"):
@@ -434,7 +434,8 @@ class Sampler:
             if piece and set(piece) <= set('"]},'):
                 self.bias[i] = 3.0
 
-    def __call__(self, grammar: str, n: int, seed: int) -> list[str]:
+    def __call__(self, grammar: str, n: int, seed: int, prefix: str = "") -> list[str]:
+        """`n` random completions of `prefix` (which the grammar must accept) under `grammar`."""
         import numpy as np
         from llguidance import LLMatcher
 
@@ -444,7 +445,8 @@ class Sampler:
         for _ in range(n):
             m = LLMatcher(llt, grammar, log_level=0)
             assert not m.is_error(), m.get_error()
-            tokens: list[int] = []
+            tokens: list[int] = self.tokenizer.encode(prefix, add_special_tokens=False)
+            assert m.consume_tokens(tokens), m.get_error()
             while not m.is_stopped():
                 assert len(tokens) < 500
                 bits = np.frombuffer(m.compute_bitmask(), dtype=np.uint8)
@@ -556,3 +558,45 @@ def test_grammar_samples_parse_as_valid_calls(
     )
     for text in sampler(single, 10, 99):
         assert len(run(fmt, [text])["calls"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("fmt", "variant", "opener"),
+    [
+        ("hermes", "plain", "<tool_call>"),
+        ("hermes", "tagged", "<tool_call>"),
+        ("llama3_json", "plain", ""),
+        ("mistral", "plain", "[TOOL_CALLS]"),
+        ("mistral", "tagged", "[TOOL_CALLS]"),
+    ],
+)
+def test_auto_grammar_is_free_until_a_call_opens(
+    samplers: dict[str, Sampler], fmt: str, variant: str, opener: str
+) -> None:
+    """tool_choice "auto": text is free, but once the model opens a call in its format the
+    rest must be valid calls to the declared tools (issue 11, item 7)."""
+    from jsonschema import Draft202012Validator
+    from llguidance import LLMatcher
+
+    sampler = samplers[variant]
+    added = sampler.tokenizer.get_added_vocab() if variant == "tagged" else None
+    schemas = {t["function"]["name"]: t["function"].get("parameters", {}) for t in TOOLS}
+    grammar = tool_call_grammar(TOOLS, "auto", fmt, added_tokens=added)
+    for text in ("", "the weather in Oslo, celsius", "a\nsearch the query"):
+        m = LLMatcher(sampler.llt, grammar, log_level=0)
+        assert m.consume_tokens(sampler.tokenizer.encode(text, add_special_tokens=False))
+        assert m.is_accepting(), (text, m.get_error())  # a reply of text only may end
+    lead = "" if fmt == "llama3_json" else "the city now "
+    start = "{" if fmt == "llama3_json" else lead + opener
+    texts = sampler(grammar, 25, 7, prefix=start)
+    for text in texts:
+        res = run(fmt, [text])
+        assert res["content"].strip() == lead.strip(), text
+        assert res["calls"], text
+        for name, args in res["calls"]:
+            Draft202012Validator(schemas[name]).validate(json.loads(args))
+    # Text that spells the opener (or, for llama3_json, starts with "{") must go on as a
+    # call: a malformed call is not reachable.
+    m = LLMatcher(sampler.llt, grammar, log_level=0)
+    bad = sampler.tokenizer.encode(start + 'nonsense"', add_special_tokens=False)
+    assert not m.consume_tokens(bad)

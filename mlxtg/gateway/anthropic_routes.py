@@ -166,6 +166,7 @@ def openai_tools(body: MessagesRequest | CountTokensRequest) -> tuple[Any, Any, 
                     "name": t["name"],
                     "description": t.get("description", ""),
                     "parameters": t.get("input_schema") or {"type": "object"},
+                    "strict": bool(t.get("strict")),
                 },
             }
         )

@@ -7,6 +7,7 @@ before the request is queued: nothing past this point fails because of user inpu
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 from typing import Any
 
@@ -16,7 +17,9 @@ from .params import RequestError, SamplingParams, resolve_max_tokens
 from .scheduler import Request
 from .sequence import RequestPayload
 from .tool_calls import detect_format, make_parser
-from .tool_grammar import forces_call, tool_call_grammar, validate_tools
+from .tool_grammar import any_strict, forces_call, tool_call_grammar, validate_tools
+
+log = logging.getLogger(__name__)
 
 
 class Preprocessor:
@@ -105,24 +108,41 @@ class Preprocessor:
 
     # --- constraints -----------------------------------------------------------------------
 
+    def _tool_grammar(self, msg: Generate, choice: Any) -> str:
+        return tool_call_grammar(
+            msg.tools or [],
+            choice,
+            self.tool_format,
+            # llguidance treats every added token as special: the grammar must name tags
+            # such as <tool_call> by token id when the tokenizer has them.
+            added_tokens=self.tokenizer.get_added_vocab(),
+            parallel_tool_calls=msg.parallel_tool_calls,
+        )
+
     def _guide(self, msg: Generate, tools_active: bool) -> Any:
         spec = None
         if tools_active and forces_call(msg.tool_choice):
             from .guided import GuidedSpec
 
             try:
-                lark = tool_call_grammar(
-                    msg.tools or [],
-                    msg.tool_choice,
-                    self.tool_format,
-                    # llguidance treats every added token as special: the grammar must name
-                    # tags such as <tool_call> by token id when the tokenizer has them.
-                    added_tokens=self.tokenizer.get_added_vocab(),
-                    parallel_tool_calls=msg.parallel_tool_calls,
-                )
+                lark = self._tool_grammar(msg, msg.tool_choice)
             except ValueError as exc:
                 raise RequestError(str(exc), param="tool_choice") from exc
             spec = GuidedSpec(kind="grammar", value=lark, param="tool_choice")
+        elif tools_active and msg.guided is None and self.guided is not None:
+            # tool_choice "auto": free text, but a call the model opens is held to the
+            # declared names and schemas (a lazy grammar). A strict tool must be enforceable;
+            # for the others an unsupported schema only means the calls go unconstrained.
+            from .guided import GuidedSpec
+
+            try:
+                lark = self._tool_grammar(msg, "auto")
+            except ValueError as exc:
+                if any_strict(msg.tools or []):
+                    raise RequestError(str(exc), param="tools") from exc
+                log.info("tool calls left unconstrained: %s", exc)
+            else:
+                spec = GuidedSpec(kind="grammar", value=lark, param="tools")
         elif msg.guided is not None:
             from .guided import GuidedSpec
 

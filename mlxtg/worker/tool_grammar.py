@@ -1,4 +1,5 @@
-"""Grammars that force tool calls (tool_choice "required" or a named function).
+"""Grammars that constrain tool calls: forced (tool_choice "required" or a named function)
+or lazy (tool_choice "auto": free text until the model opens a call).
 
 `tool_call_grammar` returns an llguidance Lark grammar producing exactly the text the
 matching parser in `mlxtg.worker.tool_calls` reads as calls, e.g. for Hermes/Qwen:
@@ -22,7 +23,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["forces_call", "tool_call_grammar", "validate_tools"]
+__all__ = ["any_strict", "forces_call", "tool_call_grammar", "validate_tools"]
 
 # OpenAI allows [a-zA-Z0-9_-]{1,64}; "." and ":" are accepted too, as MCP-style clients use
 # them. The restriction also keeps names free of anything needing escapes in JSON or Lark.
@@ -78,9 +79,14 @@ def forces_call(tool_choice: Any) -> bool:
     return tool_choice == "required" or isinstance(tool_choice, dict)
 
 
+def any_strict(tools: list[dict[str, Any]]) -> bool:
+    """Whether any tool is declared `strict: true` (its schema must then be enforced)."""
+    return any(bool(t.get("function", {}).get("strict")) for t in tools)
+
+
 def _chosen_name(tool_choice: Any) -> str | None:
-    """The named function of a tool_choice object; None for "required"."""
-    if tool_choice == "required":
+    """The named function of a tool_choice object; None for "required" and "auto"."""
+    if tool_choice in ("required", "auto"):
         return None
     if isinstance(tool_choice, dict):
         fn = tool_choice.get("function")
@@ -93,20 +99,23 @@ def _chosen_name(tool_choice: Any) -> str | None:
             'tool_choice must be "none", "auto", "required" or '
             '{"type": "function", "function": {"name": ...}}'
         )
-    raise ValueError(f"tool_choice {tool_choice!r} does not force a call; no grammar applies")
+    raise ValueError(f"tool_choice {tool_choice!r} does not call tools; no grammar applies")
 
 
 def _args_schema(fn: dict[str, Any]) -> dict[str, Any]:
     params = fn.get("parameters")
     schema = dict(params) if params else dict(_NO_PARAMETERS)
     schema.setdefault("type", "object")
-    # Like OpenAI's strict mode: a forced call names only the declared arguments, at every
-    # level, and integers fit in 64 bits (a tool that wants free-form keys says so with
-    # "additionalProperties").
+    # Like OpenAI's strict mode: a constrained call names only the declared arguments, at
+    # every level, and integers fit in 64 bits (a tool that wants free-form keys says so
+    # with "additionalProperties").
     from .schema_defaults import with_defaults
 
     schema = with_defaults(schema)
-    schema["x-guidance"] = {**schema.get("x-guidance", {}), **_JSON_STYLE}
+    # A strict tool promises its schema exactly: keywords llguidance cannot enforce are
+    # then an error (HTTP 400), not silently ignored.
+    style = {**_JSON_STYLE, "lenient": not fn.get("strict")}
+    schema["x-guidance"] = {**schema.get("x-guidance", {}), **style}
     return schema
 
 
@@ -125,24 +134,27 @@ def tool_call_grammar(
     added_tokens: Mapping[str, int] | None = None,
     parallel_tool_calls: bool = True,
 ) -> str:
-    """The Lark grammar (llguidance dialect) forcing calls for `tool_choice`.
+    """The Lark grammar (llguidance dialect) constraining calls for `tool_choice`.
 
     "required": one or more calls (exactly one if `parallel_tool_calls` is False) to any of
-    `tools`; a named function: exactly one call to it. Arguments follow each tool's
+    `tools`; a named function: exactly one call to it. "auto": a lazy grammar, free text
+    until the model opens a call in its native format (the tag, or for llama3_json a reply
+    that starts with "{"), then calls as for "required". Arguments follow each tool's
     `parameters` schema. `fmt` is the tool-call format of `mlxtg.worker.tool_calls`;
     llama3_json joins several calls with "; ", mistral uses its array layout, or the
     `name[ARGS]{...}` layout when `[ARGS]` is in `added_tokens`.
 
     Raises ValueError for malformed tools, for a tool_choice that names no tool in `tools`
-    or does not force a call ("auto", "none"), for an unknown format, and for a parameters
-    schema llguidance cannot compile.
+    or is "none", for an unknown format, and for a parameters schema llguidance cannot
+    compile (with `strict: true`, one using keywords it cannot enforce).
     """
     validate_tools(tools)
+    lazy = tool_choice == "auto"
     name = _chosen_name(tool_choice)
     if name is None:
         chosen = [t["function"] for t in tools]
         if not chosen:
-            raise ValueError('tool_choice "required" needs at least one tool in tools')
+            raise ValueError(f"tool_choice {tool_choice!r} needs at least one tool in tools")
     else:
         chosen = [t["function"] for t in tools if t["function"]["name"] == name]
         if not chosen:
@@ -152,33 +164,52 @@ def tool_call_grammar(
             )
     many = name is None and parallel_tool_calls
 
-    rules = []
+    # Each layout is `call: OPENER body`, repeated as `calls`; `opener` is None for
+    # llama3_json, whose calls are bare JSON objects.
+    key = "parameters" if fmt == "llama3_json" else "arguments"
+    json_fns = [
+        # JSON string escapes are valid in Lark literals; names need none (validate_tools).
+        json.dumps(f'{{"name": "{fn["name"]}", "{key}": ') + f" args_{i} " + json.dumps("}")
+        for i, fn in enumerate(chosen)
+    ]
+    opener: str | None
     if fmt == "mistral" and added_tokens and "[ARGS]" in added_tokens:
         # v11+ layout: [TOOL_CALLS]name[ARGS]{...} per call, no JSON wrapper.
-        tc, args_tag = _tag("[TOOL_CALLS]", added_tokens), _tag("[ARGS]", added_tokens)
-        rules += ["start: call+" if many else "start: call", f"call: {tc} fn"]
+        opener, sep, body = "[TOOL_CALLS]", "", "fn"
+        args_tag = _tag("[ARGS]", added_tokens)
         fns = [f"{json.dumps(fn['name'])} {args_tag} args_{i}" for i, fn in enumerate(chosen)]
+    elif fmt == "hermes":
+        opener, sep, fns = "<tool_call>", '"\\n"', json_fns
+        body = f'"\\n" fn "\\n" {_tag("</tool_call>", added_tokens)}'
+    elif fmt == "mistral":
+        opener, sep, fns = "[TOOL_CALLS]", "", json_fns
+        body = '"[" fn (", " fn)* "]"' if many else '"[" fn "]"'
+        many = False  # several calls share one [TOOL_CALLS] array
+    elif fmt == "llama3_json":
+        opener, sep, body, fns = None, '"; "', "fn", json_fns
     else:
-        key = "parameters" if fmt == "llama3_json" else "arguments"
-        # JSON string escapes are valid in Lark literals; names need none (validate_tools).
-        fns = [
-            json.dumps(f'{{"name": "{fn["name"]}", "{key}": ') + f" args_{i} " + json.dumps("}")
-            for i, fn in enumerate(chosen)
+        raise ValueError(
+            f"no tool-call grammar for format {fmt!r}; known formats: "
+            "hermes, llama3_json, mistral"
+        )
+    more = f" ({sep} call)*" if many else ""
+    call = f"{_tag(opener, added_tokens)} {body}" if opener else body
+    rules = [f"calls: call{more}", f"call: {call}"]
+    if not lazy:
+        rules.insert(0, "start: calls")
+    elif opener is None:
+        # A reply that starts with "{" is a call; any other reply is free text.
+        rules[:0] = ["start: TEXT? | calls", "TEXT: /[^{](.|\\n)*/"]
+    elif added_tokens and opener in added_tokens:
+        # Free text cannot spell a special token, so the tag token is the trigger.
+        rules[:0] = ["start: TEXT? calls?", "TEXT: /(.|\\n)+/"]
+    else:
+        # A lazy lexeme ends at the first opener; from there the call is constrained.
+        rules[:0] = [
+            f"start: TEXT | opened {body}{more}",
+            "TEXT: /(.|\\n)*/",
+            f"opened[lazy]: /(.|\\n)*{re.escape(opener)}/",
         ]
-        if fmt == "hermes":
-            more = ' ("\\n" call)*' if many else ""
-            open_, close = _tag("<tool_call>", added_tokens), _tag("</tool_call>", added_tokens)
-            rules += [f"start: call{more}", f'call: {open_} "\\n" fn "\\n" {close}']
-        elif fmt == "llama3_json":
-            rules.append("start: fn" + (' ("; " fn)*' if many else ""))
-        elif fmt == "mistral":
-            more = ' (", " fn)*' if many else ""
-            rules.append(f'start: {_tag("[TOOL_CALLS]", added_tokens)} "[" fn{more} "]"')
-        else:
-            raise ValueError(
-                f"no tool-call grammar for format {fmt!r}; known formats: "
-                "hermes, llama3_json, mistral"
-            )
     rules.append("fn: " + " | ".join(fns))
     rules += [f"args_{i}: %json {json.dumps(_args_schema(fn))}" for i, fn in enumerate(chosen)]
     lark = "\n".join(rules) + "\n"
