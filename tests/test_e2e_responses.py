@@ -18,7 +18,7 @@ WEATHER = {
     "description": "Current weather for a city",
     "parameters": {
         "type": "object",
-        "properties": {"city": {"type": "string"}},
+        "properties": {"city": {"type": "string", "maxLength": 24}},  # completes in 64 tokens
         "required": ["city"],
     },
     "strict": True,
@@ -75,6 +75,7 @@ def test_required_tool_call_and_function_call_output_round_trip(client):
         tools=[WEATHER],
         tool_choice="required",
         max_output_tokens=64,
+        temperature=0,
     )
     calls = [o for o in r.output if o.type == "function_call"]
     assert calls and calls[0].name == "get_weather"
@@ -99,6 +100,7 @@ def test_streamed_function_call_arguments(client):
             stream=True,
             tool_choice={"type": "function", "name": "get_weather"},
             max_output_tokens=64,
+            temperature=0,
         )
     )
     deltas = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
@@ -110,6 +112,7 @@ def test_streamed_function_call_arguments(client):
         "tools": [WEATHER],
         "tool_choice": "required",
         "max_output_tokens": 64,
+        "temperature": 0,
     }
     with client.responses.stream(**kwargs) as stream:  # the SDK's own accumulating helper
         final = stream.get_final_response()
