@@ -351,3 +351,24 @@ def test_unknown_route_is_an_openai_404_naming_the_endpoints(server: Server):
     assert r.status_code == 404
     err = r.json()["error"]
     assert "/v1/chat/completions" in err["message"] and err["code"] == "not_found"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completion_text_keeps_its_leading_space_and_matches_its_logprobs(client, stream):
+    """Issue 11 item 4: a completion continues the prompt, so " ready" keeps its space (mlx-lm's
+    detokenizer trims it), and the logprobs tokens join to exactly the text (no end token)."""
+    prompt = "The meaning of life is"
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, logprobs=1)
+    if stream:
+        chunks = [c.choices[0] for c in client.completions.create(**kw, stream=True) if c.choices]
+        text = "".join(c.text for c in chunks)
+        tokens = [t for c in chunks if c.logprobs for t in c.logprobs.tokens]
+        finish = [c.finish_reason for c in chunks if c.finish_reason][-1]
+    else:
+        choice = client.completions.create(**kw).choices[0]
+        text, tokens, finish = choice.text, choice.logprobs.tokens, choice.finish_reason
+    assert text.startswith(" ") and text.strip()  # the demo model says " ready." here
+    assert "".join(tokens) == text
+    assert finish == "stop"  # ended by the end token, which is in neither
+    echo = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, echo=True)
+    assert echo.choices[0].text == prompt + text

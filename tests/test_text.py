@@ -77,3 +77,25 @@ def test_real_detokenizer_never_splits_a_multibyte_character(tmp_path):
     pieces = [ts.push(t) for t in ids] + [ts.finish()]
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == text
+
+
+def test_a_continuation_keeps_its_leading_space(tmp_path):
+    """Completions continue the prompt: " ready" after "life is" keeps its space (mlx-lm's
+    streaming detokenizer drops it), and the tokens' bytes join to exactly the text."""
+    from mlx_lm.utils import load_tokenizer
+    from tiny_model import build_tokenizer
+
+    from mlxtg.worker.text import TokenBytes
+
+    build_tokenizer(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    tok = load_tokenizer(tmp_path)
+    token_bytes = TokenBytes(tok._tokenizer)
+    for text in [" ready.", "  two spaces", " café 🙂", "no space"]:
+        ids = tok.encode(text, add_special_tokens=False)
+        ts = TextStream(tok.detokenizer, [], token_bytes)
+        out = "".join([ts.push(t) for t in ids] + [ts.finish()])
+        assert out == text
+        assert b"".join(bytes(token_bytes(t)[1]) for t in ids).decode() == text
+        chat = TextStream(tok.detokenizer, [])  # a chat reply starts without the space
+        assert "".join([chat.push(t) for t in ids] + [chat.finish()]) == text.removeprefix(" ")

@@ -338,7 +338,11 @@ class Engine:
             prompt=req.prompt,
             session=payload.cache_key,
             row=row,
-            text=TextStream(self.tokenizer.detokenizer, params.stop),
+            text=TextStream(
+                self.tokenizer.detokenizer,
+                params.stop,
+                self.token_bytes if payload.continues_prompt else None,
+            ),
             max_tokens=payload.max_tokens,
             eos_ids=self.eos_ids,
             parser=payload.parser_factory() if payload.parser_factory else None,

@@ -63,6 +63,7 @@ class Preprocessor:
             guide_spec=guide_spec,
             parser_factory=parser_factory,
             cache_key=msg.cache_key,
+            continues_prompt=msg.messages is None,
         )
         return Request(request_id=msg.request_id, prompt=prompt, n=msg.n, payload=payload)
 

@@ -20,6 +20,7 @@ class RequestPayload:
     guide_spec: Any = None  # GuidedSpec or None
     parser_factory: Any = None  # () -> ToolCallParser, when tool calls are parsed
     cache_key: str | None = None  # prompt_cache_key / user: keeps a session's cache
+    continues_prompt: bool = False  # completions: the text goes on from the prompt's text
 
 
 @dataclass(slots=True)
@@ -50,9 +51,11 @@ class Sequence:
         text = ""
         reason: str | None = None
 
-        # 1. End of sequence token: stops, emits no text.
+        # 1. End of sequence token: stops, emits no text (and no logprobs entry, so that the
+        # entries' tokens join to exactly the text).
         if token in self.eos_ids and not params.ignore_eos:
             reason = FinishReason.STOP
+            logprobs = None
         else:
             if guide is not None:
                 try:

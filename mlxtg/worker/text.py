@@ -12,28 +12,52 @@ from typing import Any
 
 
 class TextStream:
-    """Detokenises one sequence token by token and applies its stop strings."""
+    """Detokenises one sequence token by token and applies its stop strings.
 
-    __slots__ = ("_detok", "_stops", "_pending", "stopped", "matched")
+    `token_bytes` (a `TokenBytes`) is given when the text continues a prompt (completions):
+    mlx-lm's streaming detokenizers drop the first token's leading space, as decoding a
+    whole reply does, which would glue " ready" onto "life is" as "ready". Chat replies keep
+    mlx-lm's behaviour (no leading space), as mlx_lm.server does.
+    """
 
-    def __init__(self, detokenizer: Any, stops: list[str]):
+    __slots__ = ("_detok", "_stops", "_pending", "stopped", "matched", "_bytes", "_space")
+
+    def __init__(self, detokenizer: Any, stops: list[str], token_bytes: Any = None):
         self._detok = detokenizer
         self._stops = [s for s in stops if s]
         self._pending = ""
         self.stopped = False
         self.matched: str | None = None  # the stop string that ended the text
+        self._bytes = None  # set while the first token with bytes is awaited
+        self._space = False  # the first text still owes its leading space
+        if token_bytes is not None:
+            if hasattr(detokenizer, "trim_space"):  # SentencePiece: trimming is optional
+                detokenizer.trim_space = False
+            elif type(detokenizer).__name__ == "BPEStreamingDetokenizer":
+                # It removes exactly one leading space from the first text it flushes.
+                self._bytes = token_bytes
 
     def push(self, token: int) -> str:
         """Add one token; return the text that is now safe to emit."""
+        if self._bytes is not None:
+            raw = self._bytes(token)[1]
+            if raw:
+                self._space, self._bytes = raw[0] == 0x20, None
         self._detok.add_token(token)
-        self._pending += self._detok.last_segment
+        self._take()
         return self._release(final=False)
 
     def finish(self) -> str:
         """End of generation: flush everything that is left (minus a stop string)."""
         self._detok.finalize()
-        self._pending += self._detok.last_segment
+        self._take()
         return self._release(final=True)
+
+    def _take(self) -> None:
+        segment = self._detok.last_segment
+        if self._space and segment:
+            self._space, segment = False, " " + segment
+        self._pending += segment
 
     def _release(self, final: bool) -> str:
         text = self._pending
