@@ -372,3 +372,27 @@ def test_completion_text_keeps_its_leading_space_and_matches_its_logprobs(client
     assert finish == "stop"  # ended by the end token, which is in neither
     echo = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, echo=True)
     assert echo.choices[0].text == prompt + text
+
+
+def test_tokenize_and_detokenize_match_what_generation_sees(server: Server, client):
+    """vLLM's /tokenize and /detokenize: the tokens are the prompt a generation prefills."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    url = server.url
+    text = "The meaning of life is"
+    tok = httpx.post(f"{url}/tokenize", json={"model": MODEL, "prompt": text}, headers=headers).json()
+    usage = client.completions.create(model=MODEL, prompt=text, max_tokens=1).usage
+    assert tok["count"] == len(tok["tokens"]) == usage.prompt_tokens
+    assert tok["max_model_len"] == client.models.retrieve(MODEL).model_extra["max_model_len"]
+    back = httpx.post(f"{url}/detokenize", json={"model": MODEL, "tokens": tok["tokens"]}, headers=headers)
+    assert back.json() == {"prompt": text}
+    chat = httpx.post(f"{url}/tokenize", json={"model": MODEL, "messages": HELLO}, headers=headers).json()
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=1)
+    assert chat["count"] == r.usage.prompt_tokens
+    # Errors are OpenAI-shaped 400s / 404s naming the field.
+    bad = httpx.post(f"{url}/detokenize", json={"model": MODEL, "tokens": [10**6]}, headers=headers)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    both = httpx.post(f"{url}/tokenize", json={"model": MODEL, "prompt": "a", "messages": HELLO}, headers=headers)
+    assert both.status_code == 400 and "exactly one" in both.json()["error"]["message"]
+    nope = httpx.post(f"{url}/tokenize", json={"model": "nope", "prompt": "a"}, headers=headers)
+    assert nope.status_code == 404 and nope.json()["error"]["code"] == "model_not_found"
+    assert httpx.post(f"{url}/tokenize", json={"model": MODEL, "prompt": "a"}).status_code == 401

@@ -19,6 +19,7 @@ from .metrics import GatewayMetrics
 from .openai_routes import router as openai_router
 from .responses_routes import router as responses_router
 from .settings import GatewaySettings
+from .tokenize_routes import router as tokenize_router
 
 log = logging.getLogger("mlxtg.gateway")
 
@@ -51,6 +52,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         )
     app.include_router(openai_router, dependencies=[Depends(require_key)])
     app.include_router(responses_router, dependencies=[Depends(require_key)])
+    app.include_router(tokenize_router, dependencies=[Depends(require_key)])
     app.include_router(anthropic_router)  # its own auth: x-api-key or Bearer
     app.include_router(_admin_router(), dependencies=[Depends(require_key)])
 

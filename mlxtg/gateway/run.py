@@ -41,6 +41,7 @@ class Run:
         self._left = len(gens) * n
         self._finished = [0] * len(gens)  # finished choices per prompt
         self._accepted: set[str] = set()
+        self._replies: dict[str, Accepted] = {}
         self.facts: list[PromptFacts] = [PromptFacts() for _ in gens]
         self.created = int(time.time())
         self.started_at = time.monotonic()
@@ -85,8 +86,13 @@ class Run:
                 self._buffer.append(msg)
         return True
 
+    def accepted(self, request_id: str) -> Accepted | None:
+        """The ACCEPTED message of one prompt, once `accept()` has seen it."""
+        return self._replies.get(request_id)
+
     def _record(self, msg: Accepted) -> None:
         self._accepted.add(msg.request_id)
+        self._replies[msg.request_id] = msg
         facts = self.facts[self._prompt_index[msg.request_id]]
         facts.prompt_tokens = msg.prompt_tokens
         facts.cached_tokens = msg.cached_tokens

@@ -136,6 +136,9 @@ class Generate(Message):
     stream: bool = False  # the client streams: tool-call arguments are sent incrementally
     guided: dict[str, Any] | None = None  # a serialised GuidedSpec
     cache_key: str | None = None  # OpenAI prompt_cache_key / user: keeps a session together
+    # /tokenize and /detokenize: validate and tokenise (or decode `prompt_token_ids`), answer
+    # with ACCEPTED carrying the result and a final delta, and generate nothing.
+    tokenize_only: bool = False
 
 
 @dataclass(slots=True)
@@ -148,6 +151,10 @@ class Accepted(Message):
     cached_tokens: int = 0
     cache_source: str = "none"  # "ram" | "disk" | "none"
     cache_miss_reason: str | None = None
+    # Set only in answer to a tokenize_only GENERATE.
+    prompt_token_ids: list[int] | None = None
+    prompt_text: str | None = None
+    max_model_len: int | None = None
 
 
 @dataclass(slots=True)

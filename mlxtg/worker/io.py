@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -20,15 +20,21 @@ from ..protocol import (
     Abort,
     Control,
     ControlOp,
+    Delta,
     Error,
+    FinishReason,
     Generate,
     Heartbeat,
     Message,
+    Output,
     ProtocolError,
     decode,
     encode,
 )
 from .params import RequestError
+
+if TYPE_CHECKING:
+    from .preprocess import Preprocessor
 
 log = logging.getLogger("mlxtg.worker")
 
@@ -43,7 +49,7 @@ class WorkerIO(threading.Thread):
         ctx: zmq.Context,
         sock: zmq.Socket,
         worker_id: str,
-        preprocess: Callable[[Generate], Any],
+        preprocess: Preprocessor,
         stats: Callable[[], dict[str, Any]],
         heartbeat_s: float = 1.0,
     ):
@@ -127,7 +133,10 @@ class WorkerIO(threading.Thread):
             return
         if isinstance(msg, Generate):
             try:
-                self.inbox.put(self._preprocess(msg))
+                if msg.tokenize_only:
+                    self._tokenize(msg)
+                else:
+                    self.inbox.put(self._preprocess(msg))
             except RequestError as exc:
                 self._send_now(_error(msg.request_id, exc))
             except Exception as exc:  # a bug must fail one request, never the worker
@@ -148,6 +157,14 @@ class WorkerIO(threading.Thread):
             self.inbox.put(msg)
         else:
             log.warning("worker ignores %s", type(msg).__name__)
+
+
+    def _tokenize(self, msg: Generate) -> None:
+        # Answered here, on the I/O thread: nothing reaches the engine. The final delta
+        # closes the request's route in the supervisor like any finished generation.
+        self._send_now(self._preprocess.tokenize(msg))
+        done = Delta(request_id=msg.request_id, finish_reason=FinishReason.STOP)
+        self._send_now(Output(deltas=[done]))
 
 
 def _error(request_id: str, exc: RequestError) -> Error:

@@ -11,7 +11,7 @@ import logging
 from functools import partial
 from typing import Any
 
-from ..protocol import Generate
+from ..protocol import Accepted, Generate
 from .loader import LoadedModel
 from .params import RequestError, SamplingParams, resolve_max_tokens
 from .scheduler import Request
@@ -66,6 +66,22 @@ class Preprocessor:
             continues_prompt=msg.messages is None,
         )
         return Request(request_id=msg.request_id, prompt=prompt, n=msg.n, payload=payload)
+
+    def tokenize(self, msg: Generate) -> Accepted:
+        """The answer to a tokenize_only GENERATE: the prompt exactly as a generation would
+        prefill it (chat template and tools included), or the text of token ids."""
+        tools_active = bool(msg.tools) and msg.tool_choice != "none"
+        prompt, _ = self._prompt(msg, tools_active)
+        text = None
+        if msg.prompt_token_ids is not None:
+            text = str(self.tokenizer.decode(prompt))
+        return Accepted(
+            request_id=msg.request_id,
+            prompt_tokens=len(prompt),
+            prompt_token_ids=prompt,
+            prompt_text=text,
+            max_model_len=self.loaded.context_length,
+        )
 
     # --- prompt ----------------------------------------------------------------------------
 
