@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: up test lint unit e2e bench bench-write bench-guided bench-guided-serving bench-switch bench-agent blas clean
+.PHONY: up test lint unit e2e conformance bench bench-write bench-guided bench-guided-serving bench-switch bench-agent blas clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,6 +34,10 @@ e2e: $(STAMP)
 
 test: lint $(STAMP)
 	$(BIN)/pytest $(ARGS)
+
+# schemathesis against our own /openapi.json on a real server: zero 5xx, documented answers.
+conformance: $(STAMP)
+	$(BIN)/python -m bench.conformance $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.bench_serving $(ARGS)

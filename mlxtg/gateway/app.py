@@ -11,6 +11,7 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, Response
 
 from .. import __version__
+from . import openapi
 from .anthropic_routes import router as anthropic_router
 from .client import SupervisorClient
 from .deps import Client, Metrics, require_key
@@ -53,6 +54,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(openai_router, dependencies=[Depends(require_key)])
     app.include_router(responses_router, dependencies=[Depends(require_key)])
     app.include_router(tokenize_router, dependencies=[Depends(require_key)])
+    openapi.install(app)
     app.include_router(anthropic_router)  # its own auth: x-api-key or Bearer
     app.include_router(_admin_router(), dependencies=[Depends(require_key)])
 

@@ -1,0 +1,143 @@
+"""The served `/openapi.json`, corrected to what the routes really answer.
+
+FastAPI documents every body route as answering 422 `HTTPValidationError`, which no route
+here ever sends: validation errors are 400s in OpenAI's shape (Anthropic's on
+`/v1/messages`). This rewrites the generated document once: errors by status in the right
+shape, 200 bodies for the main endpoints, SSE where a route streams, and `/metrics` as
+text. Schemathesis (`make conformance`) and client generators read it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+_OPENAI_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+_ANTHROPIC_ERROR = {
+    "type": "object",
+    "required": ["type", "error"],
+    "properties": {
+        "type": {"const": "error"},
+        "error": {
+            "type": "object",
+            "required": ["type", "message"],
+            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+        },
+    },
+}
+_USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"]}
+_CHOICES = {"type": "array", "items": {"type": "object", "required": ["index", "finish_reason"]}}
+_OK: dict[tuple[str, str], dict[str, Any]] = {
+    ("post", "/v1/chat/completions"): {
+        "type": "object",
+        "required": ["id", "object", "created", "model", "choices"],
+        "properties": {"object": {"const": "chat.completion"}, "choices": _CHOICES, "usage": _USAGE},
+    },
+    ("post", "/v1/completions"): {
+        "type": "object",
+        "required": ["id", "object", "created", "model", "choices"],
+        "properties": {"object": {"const": "text_completion"}, "choices": _CHOICES, "usage": _USAGE},
+    },
+    ("get", "/v1/models"): {
+        "type": "object",
+        "required": ["object", "data"],
+        "properties": {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": {"type": "object", "required": ["id", "object"]}},
+        },
+    },
+    ("post", "/v1/responses"): {
+        "type": "object",
+        "required": ["id", "object", "status", "output"],
+        "properties": {"object": {"const": "response"}, "output": {"type": "array"}},
+    },
+    ("post", "/v1/messages"): {
+        "type": "object",
+        "required": ["id", "type", "role", "content", "stop_reason", "usage"],
+        "properties": {"type": {"const": "message"}, "content": {"type": "array"}},
+    },
+    ("post", "/v1/messages/count_tokens"): {
+        "type": "object",
+        "required": ["input_tokens"],
+        "properties": {"input_tokens": {"type": "integer"}},
+    },
+    ("post", "/tokenize"): {
+        "type": "object",
+        "required": ["count", "max_model_len", "tokens"],
+        "properties": {"tokens": {"type": "array", "items": {"type": "integer"}}},
+    },
+    ("post", "/detokenize"): {
+        "type": "object",
+        "required": ["prompt"],
+        "properties": {"prompt": {"type": "string"}},
+    },
+}
+_STREAMS = {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"}
+_STATUS_TEXT = {
+    400: "Invalid request (validation, context overflow, a constraint that cannot be enforced)",
+    401: "Missing or wrong API key",
+    404: "Unknown model, stored response or endpoint",
+    429: "Queue full; retry after Retry-After seconds",
+    503: "Not ready, draining, or the worker failed; retry",
+}
+
+
+def _errors(path: str) -> dict[str, Any]:
+    schema = _ANTHROPIC_ERROR if path.startswith("/v1/messages") else _OPENAI_ERROR
+    body = {"content": {"application/json": {"schema": schema}}}
+    generates = path.startswith(("/v1/", "/tokenize", "/detokenize"))
+    wanted = (400, 401, 404, 429, 503) if generates else (400, 401)
+    return {str(code): {"description": _STATUS_TEXT[code], **body} for code in wanted}
+
+
+def build(app: FastAPI) -> dict[str, Any]:
+    doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    for path, item in doc.get("paths", {}).items():
+        for method, op in item.items():
+            responses = op.setdefault("responses", {})
+            responses.pop("422", None)
+            if path.startswith(("/v1/", "/admin/", "/tokenize", "/detokenize")):
+                responses.update(_errors(path))
+            ok = responses.setdefault("200", {"description": "OK"})
+            if (schema := _OK.get((method, path))) is not None:
+                ok["content"] = {"application/json": {"schema": schema}}
+            if path in _STREAMS:
+                ok["description"] = 'OK; with "stream": true, Server-Sent Events'
+                # Each event's data is a JSON chunk (chat and completions end with "[DONE]").
+                ok.setdefault("content", {})["text/event-stream"] = {"schema": {}}
+            if path == "/metrics":
+                ok["content"] = {"text/plain": {"schema": {"type": "string"}}}
+            if path == "/ready":
+                responses["503"] = {"description": "A model is loading, or the server drains"}
+    schemas = doc.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    return doc
+
+
+def install(app: FastAPI) -> None:
+    """Serve the corrected document (built once, on first request)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = build(app)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
