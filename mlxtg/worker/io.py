@@ -158,7 +158,6 @@ class WorkerIO(threading.Thread):
         else:
             log.warning("worker ignores %s", type(msg).__name__)
 
-
     def _tokenize(self, msg: Generate) -> None:
         # Answered here, on the I/O thread: nothing reaches the engine. The final delta
         # closes the request's route in the supervisor like any finished generation.
