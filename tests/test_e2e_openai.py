@@ -396,3 +396,68 @@ def test_tokenize_and_detokenize_match_what_generation_sees(server: Server, clie
     nope = httpx.post(f"{url}/tokenize", json={"model": "nope", "prompt": "a"}, headers=headers)
     assert nope.status_code == 404 and nope.json()["error"]["code"] == "model_not_found"
     assert httpx.post(f"{url}/tokenize", json={"model": MODEL, "prompt": "a"}).status_code == 401
+
+
+def test_tokenizer_info_and_tokenize_without_a_model_as_lm_eval_sends(server: Server):
+    """lm-eval-harness's remote tokenizer: GET /tokenizer_info, then /tokenize with no model
+    and add_special_tokens false (the first configured model answers)."""
+    from mlxtg.models import demo_spec
+    from mlxtg.worker.loader import load
+
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    info = httpx.get(f"{server.url}/tokenizer_info", headers=headers).json()
+    tokenizer = load(demo_spec()).tokenizer
+    assert info["eos_token"] == tokenizer.eos_token and info["chat_template"]
+    assert info["model_max_length"] > 0
+    text = "Hello world"
+    plain = httpx.post(
+        f"{server.url}/tokenize",
+        json={"prompt": text, "add_special_tokens": False},
+        headers=headers,
+    ).json()
+    assert plain["tokens"] == tokenizer.encode(text, add_special_tokens=False)
+    back = httpx.post(f"{server.url}/detokenize", json={"tokens": plain["tokens"]}, headers=headers)
+    assert back.json() == {"prompt": text}
+    chat = httpx.post(
+        f"{server.url}/tokenize",
+        json={"messages": HELLO, "add_special_tokens": False},
+        headers=headers,
+    )
+    assert chat.status_code == 400 and "text prompt" in chat.json()["error"]["message"]
+
+
+def test_echo_logprobs_score_every_prompt_token_like_lm_eval(client):
+    """What lm-eval-harness `local-completions` sends for log-likelihood: token ids, echo,
+    logprobs 1, max_tokens 1; it reads entries [ctxlen:-1]. Values match mlx-lm in process."""
+    import mlx.core as mx
+    import numpy as np
+
+    from mlxtg.models import demo_spec
+    from mlxtg.worker.loader import load
+
+    loaded = load(demo_spec())
+    tokens = loaded.tokenizer.encode("The capital of France is Paris, and the sky is blue.")
+    kw = dict(model=MODEL, prompt=tokens, echo=True, logprobs=1, temperature=0)
+    r = client.completions.create(**kw, max_tokens=1)
+    lp = r.choices[0].logprobs
+    assert len(lp.token_logprobs) == len(tokens) + 1  # every prompt token, then the reply's
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert r.choices[0].text.startswith(loaded.tokenizer.decode(tokens))
+    logits = loaded.model(mx.array(tokens)[None])[0].astype(mx.float32)
+    ref = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+    want = ref[np.arange(len(tokens) - 1), tokens[1:]]
+    assert np.abs(np.array(lp.token_logprobs[1 : len(tokens)]) - want).max() <= 1e-4
+    for t, top in enumerate(lp.top_logprobs[1 : len(tokens)]):
+        assert abs(max(top.values()) - ref[t].max()) <= 1e-4  # lm-eval's is_greedy check
+
+    zero = client.completions.create(**kw, max_tokens=0)
+    assert zero.choices[0].finish_reason == "length" and zero.usage.completion_tokens == 0
+    assert zero.choices[0].logprobs.token_logprobs == lp.token_logprobs[: len(tokens)]
+    streamed = list(client.completions.create(**kw, max_tokens=3, stream=True))
+    first = streamed[0].choices[0].logprobs
+    assert first.token_logprobs[: len(tokens)] == lp.token_logprobs[: len(tokens)]
+    text = client.completions.create(
+        model=MODEL, prompt="Paris is", echo=True, logprobs=0, max_tokens=2, temperature=0
+    )
+    assert text.choices[0].text.startswith("Paris is")
+    assert text.choices[0].logprobs.token_logprobs[0] is None

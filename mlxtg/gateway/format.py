@@ -33,16 +33,27 @@ def chat_logprobs(entries: list[LogprobEntry]) -> dict[str, Any]:
     }
 
 
-def completion_logprobs(entries: list[LogprobEntry], offset: int) -> dict[str, Any]:
-    """The legacy completions format, plus chat-style `content` entries with bytes."""
+def completion_logprobs(
+    entries: list[LogprobEntry], offset: int, prompt: list[LogprobEntry] | None = None
+) -> dict[str, Any]:
+    """The legacy completions format, plus chat-style `content` entries with bytes.
+    With `echo`, the prompt's entries come first (offsets from 0, the first with null
+    logprobs, as OpenAI's and vLLM's), then the generated ones from `offset`."""
     offsets = []
+    at = 0
+    for e in prompt or ():
+        offsets.append(at)
+        at += len(e.token)
     for e in entries:
         offsets.append(offset)
         offset += len(e.token)
+    entries = [*(prompt or ()), *entries]
     return {
         "tokens": [e.token for e in entries],
         "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [{t: lp for t, lp, _ in e.top} for e in entries],
+        "top_logprobs": [
+            None if e.logprob is None else {t: lp for t, lp, _ in e.top} for e in entries
+        ],
         "text_offset": offsets,
         "content": chat_logprobs(entries)["content"],
     }
@@ -55,6 +66,7 @@ class ChoiceAccumulator:
     index: int
     text: list[str] = field(default_factory=list)
     logprobs: list[LogprobEntry] = field(default_factory=list)
+    prompt_logprobs: list[LogprobEntry] | None = None  # echo with logprobs
     tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
     finish_reason: str | None = None
     completion_tokens: int = 0
@@ -65,6 +77,8 @@ class ChoiceAccumulator:
             self.text.append(delta.text)
         if delta.logprobs:
             self.logprobs.extend(delta.logprobs)
+        if delta.prompt_logprobs:
+            self.prompt_logprobs = delta.prompt_logprobs
         for frag in delta.tool_calls or ():
             call = self.tool_calls.setdefault(
                 frag["index"],
@@ -98,7 +112,11 @@ class ChoiceAccumulator:
         return {
             "index": self.index,
             "text": echo + "".join(self.text),
-            "logprobs": completion_logprobs(self.logprobs, len(echo)) if self.logprobs else None,
+            "logprobs": (
+                completion_logprobs(self.logprobs, len(echo), self.prompt_logprobs)
+                if self.logprobs or self.prompt_logprobs
+                else None
+            ),
             "finish_reason": self.finish_reason,
         }
 

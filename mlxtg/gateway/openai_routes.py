@@ -94,12 +94,11 @@ async def completions(
                 n=body.n,
                 guided=guided,
                 cache_key=body.cache_key,
+                echo=body.echo,
             )
         )
     run = Run(client, gens, body.n)
-    echoes = [p if isinstance(p, str) and body.echo else "" for p in body.prompts()]
-    if body.echo and any(not isinstance(p, str) for p in body.prompts()):
-        raise BadRequest("echo is supported for text prompts only", param="echo")
+    echoes = _Echoes(run, gens, body.prompts()) if body.echo else None
     if body.stream:
         return await _stream(
             request, run, body.model, rid, body.include_usage, metrics, chat=False, echoes=echoes
@@ -124,8 +123,30 @@ def _chat_body(rid: str, model: str, run: Run, accs: list[fmt.ChoiceAccumulator]
     }
 
 
+class _Echoes:
+    """The text `echo` puts before each prompt's completion: the prompt as sent, or for
+    token ids their text as the worker decoded it (known once the prompt is accepted)."""
+
+    def __init__(self, run: Run, gens: list[Generate], prompts: list[str | list[int]]):
+        self._run = run
+        self._gens = gens
+        self._prompts = prompts
+
+    def __getitem__(self, p: int) -> str:
+        prompt = self._prompts[p]
+        if isinstance(prompt, str):
+            return prompt
+        accepted = self._run.accepted(self._gens[p].request_id)
+        return (accepted.prompt_text if accepted else None) or ""
+
+
 def _completion_body(
-    rid: str, model: str, run: Run, accs: list[fmt.ChoiceAccumulator], echoes: list[str], n: int
+    rid: str,
+    model: str,
+    run: Run,
+    accs: list[fmt.ChoiceAccumulator],
+    echoes: _Echoes | None,
+    n: int,
 ) -> dict[str, Any]:
     completion = sum(a.completion_tokens for a in accs)
     return {
@@ -133,7 +154,7 @@ def _completion_body(
         "object": "text_completion",
         "created": run.created,
         "model": model,
-        "choices": [a.completion_choice(echoes[a.index // n]) for a in accs],
+        "choices": [a.completion_choice(echoes[a.index // n] if echoes else "") for a in accs],
         "usage": fmt.usage(run.prompt_tokens, completion, run.cached_tokens),
     }
 
@@ -149,7 +170,7 @@ async def _stream(
     include_usage: bool,
     metrics: Any,
     chat: bool,
-    echoes: list[str] | None = None,
+    echoes: _Echoes | None = None,
 ) -> StreamingResponse:
     accepted, headers = await open_stream(run)
 
@@ -213,7 +234,7 @@ def _chunks(
     delta: Delta,
     chat: bool,
     started: set[int],
-    echoes: list[str] | None,
+    echoes: _Echoes | None,
     run: Run,
 ) -> list[dict[str, Any]]:
     out = []
@@ -235,11 +256,15 @@ def _chunks(
             out.append(fmt.chat_chunk(rid, created, model, index, d, delta.finish_reason, lp))
     else:
         text = delta.text
+        echo = ""
         if index not in started:
             started.add(index)
             if echoes:
-                text = echoes[index // run.n] + text
-        lp = fmt.completion_logprobs(delta.logprobs, 0) if delta.logprobs else None
+                echo = echoes[index // run.n]
+                text = echo + text
+        lp = None
+        if delta.logprobs or delta.prompt_logprobs:
+            lp = fmt.completion_logprobs(delta.logprobs or [], len(echo), delta.prompt_logprobs)
         if text or lp or delta.finish_reason:
             out.append(
                 fmt.completion_chunk(rid, created, model, index, text, delta.finish_reason, lp)

@@ -216,7 +216,8 @@ class CompletionRequest(_Common):
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
-    max_tokens: int | None = Field(default=16, ge=1, le=INT64)
+    # 0 is allowed: with `echo` and `logprobs` it scores the prompt and generates nothing.
+    max_tokens: int | None = Field(default=16, ge=0, le=INT64)
 
     @field_validator("prompt")
     @classmethod
@@ -236,4 +237,7 @@ class CompletionRequest(_Common):
 
     def params(self) -> SamplingParams:
         wants = self.logprobs is not None
-        return self.sampling(self.max_tokens, wants, self.logprobs or 0)
+        params = self.sampling(self.max_tokens, wants, self.logprobs or 0)
+        if self.echo and wants:
+            params.prompt_logprobs = self.logprobs
+        return params

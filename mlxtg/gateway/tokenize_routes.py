@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 from ..protocol import Accepted, Generate
 from ..worker.params import SamplingParams
 from .deps import Client
-from .errors import APIError, BadRequest
+from .errors import APIError, BadRequest, Unavailable
 from .run import Run
 from .schemas import ChatMessage, NullMeansDefault
 
@@ -24,13 +24,13 @@ router = APIRouter()
 
 
 class TokenizeRequest(NullMeansDefault):
-    model: str
+    model: str | None = None  # vLLM serves one model; here None means the first configured
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     tools: list[dict[str, Any]] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    # vLLM's switches, accepted at their defaults only: mlxtg tokenises as generation does.
-    add_special_tokens: bool = True
+    add_special_tokens: bool = True  # text prompts: false leaves out BOS and the like
+    # Accepted at its default only: chat prompts are tokenised as generation renders them.
     add_generation_prompt: bool = True
     return_token_strs: bool = False
 
@@ -38,17 +38,28 @@ class TokenizeRequest(NullMeansDefault):
     def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError('give exactly one of "prompt" or "messages"')
-        for name in ("add_special_tokens", "add_generation_prompt"):
-            if not getattr(self, name):
-                raise ValueError(f"{name}: false is not supported (tokens are as generated)")
+        if not self.add_generation_prompt:
+            raise ValueError("add_generation_prompt: false is not supported")
+        if not self.add_special_tokens and self.messages is not None:
+            raise ValueError("add_special_tokens: false applies to a text prompt only")
         if self.return_token_strs:
             raise ValueError("return_token_strs is not supported")
         return self
 
 
 class DetokenizeRequest(NullMeansDefault):
-    model: str
+    model: str | None = None
     tokens: list[int]
+
+
+async def _model(client: Client, name: str | None) -> str:
+    """The model a tokenizer route is for: the one named, else the first configured."""
+    if name:
+        return name
+    models = (await client.control("status")).data["models"]
+    if not models:
+        raise Unavailable("no model is configured")
+    return str(models[0]["name"])
 
 
 async def _ask(client: Client, gen: Generate) -> Accepted:
@@ -79,14 +90,18 @@ async def tokenize(body: TokenizeRequest, client: Client) -> dict[str, Any]:
         except ValueError as exc:
             raise BadRequest(str(exc), param="messages") from exc
         gen = _generate(
-            body.model,
+            await _model(client, body.model),
             messages=messages,
             tools=body.tools,
             tool_choice="auto" if body.tools else None,
             chat_template_kwargs=body.chat_template_kwargs,
         )
     else:
-        gen = _generate(body.model, prompt=body.prompt)
+        gen = _generate(
+            await _model(client, body.model),
+            prompt=body.prompt,
+            add_special_tokens=body.add_special_tokens,
+        )
     reply = await _ask(client, gen)
     tokens = reply.prompt_token_ids or []
     return {
@@ -100,9 +115,21 @@ async def tokenize(body: TokenizeRequest, client: Client) -> dict[str, Any]:
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, client: Client) -> dict[str, Any]:
     try:
-        reply = await _ask(client, _generate(body.model, prompt_token_ids=body.tokens))
+        gen = _generate(await _model(client, body.model), prompt_token_ids=body.tokens)
+        reply = await _ask(client, gen)
     except APIError as exc:
         if exc.param == "prompt":  # the worker names the field of a completion
             exc.param = "tokens"
         raise
     return {"prompt": reply.prompt_text or ""}
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(client: Client, model: str | None = None) -> dict[str, Any]:
+    """The tokenizer's special tokens and chat template (vLLM's endpoint), for clients that
+    tokenise through the server (lm-eval-harness's remote tokenizer)."""
+    # A one-token prompt: the worker validates it like any other and answers at once.
+    reply = await _ask(
+        client, _generate(await _model(client, model), prompt=" ", tokenizer_info=True)
+    )
+    return reply.tokenizer_info or {}

@@ -139,6 +139,10 @@ class Generate(Message):
     # /tokenize and /detokenize: validate and tokenise (or decode `prompt_token_ids`), answer
     # with ACCEPTED carrying the result and a final delta, and generate nothing.
     tokenize_only: bool = False
+    add_special_tokens: bool = True  # a text prompt's BOS and the like (vLLM's /tokenize switch)
+    tokenizer_info: bool = False  # tokenize_only: ACCEPTED also carries the tokenizer's facts
+    # Completions `echo`: ACCEPTED carries the prompt's text when it came as token ids.
+    echo: bool = False
 
 
 @dataclass(slots=True)
@@ -151,19 +155,23 @@ class Accepted(Message):
     cached_tokens: int = 0
     cache_source: str = "none"  # "ram" | "disk" | "none"
     cache_miss_reason: str | None = None
-    # Set only in answer to a tokenize_only GENERATE.
+    # Set only in answer to a tokenize_only GENERATE (`prompt_text` also for `echo`).
     prompt_token_ids: list[int] | None = None
     prompt_text: str | None = None
     max_model_len: int | None = None
+    tokenizer_info: dict[str, Any] | None = (
+        None  # special tokens, chat template (GET /tokenizer_info)
+    )
 
 
 @dataclass(slots=True)
 class LogprobEntry(Message):
-    """One generated token's log-probability and its top alternatives."""
+    """One token's log-probability and its top alternatives. A prompt's first token has
+    none (`logprob` None): nothing came before it."""
 
     TYPE: ClassVar[MsgType] = MsgType.OUTPUT  # never sent alone
     token: str
-    logprob: float
+    logprob: float | None
     bytes: list[int]
     top: list[tuple[str, float, list[int]]] = field(default_factory=list)
 
@@ -173,7 +181,10 @@ class Delta(Message):
     """What one choice of one request produced in one engine step."""
 
     TYPE: ClassVar[MsgType] = MsgType.OUTPUT  # never sent alone
-    NESTED: ClassVar[dict[str, tuple[type, bool]]] = {"logprobs": (LogprobEntry, True)}
+    NESTED: ClassVar[dict[str, tuple[type, bool]]] = {
+        "logprobs": (LogprobEntry, True),
+        "prompt_logprobs": (LogprobEntry, True),
+    }
     request_id: str
     index: int = 0
     text: str = ""
@@ -184,6 +195,9 @@ class Delta(Message):
     # Set on the final delta of a choice.
     completion_tokens: int = 0
     stop_sequence: str | None = None  # the stop string that ended it, if one did
+    # On a choice's first delta when the prompt is scored (`prompt_logprobs`): one entry
+    # per prompt token.
+    prompt_logprobs: list[LogprobEntry] | None = None
 
 
 @dataclass(slots=True)

@@ -28,6 +28,7 @@ from ..protocol import Abort, Accepted, Control, Delta, Error, FinishReason, Mes
 from .loader import LoadedModel
 from .params import RequestError
 from .prompt_cache import PromptCache, plain
+from .prompt_scores import entries
 from .runner import ModelRunner
 from .sampler import RowState, sample, sample_lazy, top_logprobs
 from .scheduler import PrefillChunk, QueueFull, Request, Scheduler
@@ -131,17 +132,25 @@ class Engine:
                     retry_after=1.0,
                 )
             ]
-        session = getattr(req.payload, "cache_key", None)
-        found = self.prompt_cache.lookup(req.prompt, session)
-        req.cache = found.cache if found.cache is not None else self.runner.new_cache()
-        req.num_computed = found.tokens if found.cache is not None else 0
+        payload = req.payload
+        miss: str | None
+        if payload is not None and payload.scores_prompt:
+            # Scoring needs the logits of every prompt position: no cached prefix.
+            req.cache, req.num_computed = self.runner.new_cache(), 0
+            source, miss = "none", "prompt_logprobs"
+        else:
+            found = self.prompt_cache.lookup(req.prompt, getattr(payload, "cache_key", None))
+            req.cache = found.cache if found.cache is not None else self.runner.new_cache()
+            req.num_computed = found.tokens if found.cache is not None else 0
+            source, miss = found.source, found.miss_reason
         return [
             Accepted(
                 request_id=req.request_id,
                 prompt_tokens=len(req.prompt),
                 cached_tokens=req.num_computed,
-                cache_source=found.source,
-                cache_miss_reason=found.miss_reason,
+                cache_source=source,
+                cache_miss_reason=miss,
+                prompt_text=getattr(payload, "echo_text", None),
             )
         ]
 
@@ -251,10 +260,7 @@ class Engine:
         if plan.partial is not None:
             chunk = plan.partial
             req = chunk.request
-            _, failed = self._guarded(
-                lambda: self.runner.prefill_chunk(req.cache, req.prompt[chunk.start : chunk.end]),
-                [req],
-            )
+            _, failed = self._guarded(lambda: self._prefill_chunk(chunk), [req])
             if not failed:
                 self.scheduler.complete(chunk)
             out += failed
@@ -267,12 +273,32 @@ class Engine:
             out.append(Output(deltas=deltas))
         return out
 
+    def _prefill_chunk(self, chunk: PrefillChunk) -> mx.array | None:
+        """Prefill one chunk of one prompt at batch 1; the last position's logits (1, V)
+        when the prompt is scored, which keeps every position's scores on the request."""
+        req = chunk.request
+        tokens = req.prompt[chunk.start : chunk.end]
+        if not req.payload.scores_prompt:
+            self.runner.prefill_chunk(req.cache, tokens)
+            return None
+        # Position t scores token t + 1; the prompt's last position predicts the reply.
+        targets = req.prompt[chunk.start + 1 : chunk.end + 1]
+        k = req.payload.params.prompt_logprobs
+        last, scores = self.runner.prefill_scored(req.cache, tokens, targets, k)
+        req.prompt_scores.append(scores)
+        return last
+
     def _groups(self, chunks: list[PrefillChunk]) -> list[list[PrefillChunk]]:
-        """Prompts that finish together run as one batch when their caches allow it."""
+        """Prompts that finish together run as one batch when their caches allow it; a
+        scored prompt runs alone (it needs every position's logits)."""
         if not self.batched_prefill or len(chunks) < 2:
             return [[c] for c in chunks]
-        batch = [c for c in chunks if plain(c.request.cache)]
-        alone = [[c] for c in chunks if not plain(c.request.cache)]
+
+        def batchable(c: PrefillChunk) -> bool:
+            return plain(c.request.cache) and not c.request.payload.scores_prompt
+
+        batch = [c for c in chunks if batchable(c)]
+        alone = [[c] for c in chunks if not batchable(c)]
         return ([batch] if batch else []) + alone
 
     def _start(self, chunks: list[PrefillChunk]) -> list[Delta]:
@@ -281,23 +307,33 @@ class Engine:
         reqs = [c.request for c in chunks]
         rests = [r.prompt[c.start :] for r, c in zip(reqs, chunks, strict=True)]
         batch: list[Any] | None = None
-        if len(reqs) == 1:
+        logits: mx.array | None
+        if len(reqs) == 1 and reqs[0].payload.scores_prompt:
+            logits = self._prefill_chunk(chunks[0])
+        elif len(reqs) == 1:
             logits = self.runner.prefill_alone(reqs[0].cache, rests[0])
         else:
             batch, logits = self.runner.prefill_batch([r.cache for r in reqs], rests)
         for c in chunks:
             self.scheduler.complete(c)
+        assert logits is not None
 
         seqs: list[Sequence] = []
         owner: list[int] = []  # which prompt (row of `logits`) each choice comes from
         for i, r in enumerate(reqs):
+            scored = entries(self.token_bytes, r.prompt, r.prompt_scores) if r.prompt_scores else None
             for j in range(r.n):
-                seqs.append(self._new_sequence(r, r.payload, j))
+                seq = self._new_sequence(r, r.payload, j)
+                seq.prompt_logprobs = scored
+                seqs.append(seq)
                 owner.append(i)
         if owner != list(range(len(reqs))):
             logits = logits[mx.array(owner)]
         result = sample(logits, [s.row for s in seqs], self._masks(seqs))
-        deltas = [self._advance(s, i, result) for i, s in enumerate(seqs)]
+        deltas = [
+            self._advance(s, i, result) if s.max_tokens > 0 else s.finish_empty()
+            for i, s in enumerate(seqs)
+        ]
 
         live = [k for k, s in enumerate(seqs) if not s.finished]
         for i, r in enumerate(reqs):

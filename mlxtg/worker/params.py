@@ -35,6 +35,7 @@ class RequestError(ValueError):
 
 MIN_TEMPERATURE = 1e-3
 MIN_REPETITION_PENALTY = 1e-3  # smaller ones overflow the logits they multiply
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(slots=True)
@@ -53,7 +54,9 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     ignore_eos: bool = False
-    # Echo the prompt in /v1/completions is handled by the gateway; nothing here.
+    # Completions `echo` with `logprobs`: score every prompt token too, with this many
+    # alternatives per position (None: the prompt is not scored).
+    prompt_logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -88,6 +91,10 @@ class SamplingParams:
 
     def validate_against(self, vocab_size: int) -> None:
         """Checks that need the model: token ids in `logit_bias` must exist."""
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
+            raise RequestError(
+                f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="logprobs"
+            )
         for token_id in self.logit_bias:
             if not 0 <= token_id < vocab_size:
                 raise RequestError(

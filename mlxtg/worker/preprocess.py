@@ -64,6 +64,11 @@ class Preprocessor:
             parser_factory=parser_factory,
             cache_key=msg.cache_key,
             continues_prompt=msg.messages is None,
+            echo_text=(
+                str(self.tokenizer.decode(prompt))
+                if msg.echo and msg.prompt_token_ids is not None
+                else None
+            ),
         )
         return Request(request_id=msg.request_id, prompt=prompt, n=msg.n, payload=payload)
 
@@ -81,7 +86,28 @@ class Preprocessor:
             prompt_token_ids=prompt,
             prompt_text=text,
             max_model_len=self.loaded.context_length,
+            tokenizer_info=self._tokenizer_info() if msg.tokenizer_info else None,
         )
+
+    def _tokenizer_info(self) -> dict[str, Any]:
+        """What vLLM's GET /tokenizer_info reports, so clients such as lm-eval-harness can
+        tokenise through the server instead of loading the model's tokenizer themselves."""
+        hf = self.tokenizer._tokenizer
+
+        def token(name: str) -> str | None:
+            value = getattr(hf, name, None)
+            return value if isinstance(value, str) else None
+
+        return {
+            "tokenizer_class": type(hf).__name__,
+            "eos_token": token("eos_token"),
+            "bos_token": token("bos_token"),
+            "pad_token": token("pad_token"),
+            "unk_token": token("unk_token"),
+            "chat_template": self.tokenizer.chat_template,
+            "model_max_length": self.loaded.context_length,
+            "vocab_size": self.loaded.vocab_size,
+        }
 
     # --- prompt ----------------------------------------------------------------------------
 
@@ -98,7 +124,9 @@ class Preprocessor:
                 )
             return list(msg.prompt_token_ids), "prompt"
         text = msg.prompt or ""
-        return list(self.tokenizer.encode(text)), "prompt"
+        return list(
+            self.tokenizer.encode(text, add_special_tokens=msg.add_special_tokens)
+        ), "prompt"
 
     def _chat_prompt(self, msg: Generate, tools_active: bool) -> list[int]:
         if not msg.messages:

@@ -19,6 +19,8 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
+from .prompt_scores import ChunkScores, score, to_numpy
+
 
 class ModelRunner:
     """Owns the model's tensors: the batch cache and the in-flight decode logits."""
@@ -51,6 +53,18 @@ class ModelRunner:
         mx.eval(logits)
         self.prompt_tokens_computed += len(tokens)
         return logits
+
+    def prefill_scored(
+        self, cache: list[Any], tokens: list[int], targets: list[int], k: int
+    ) -> tuple[mx.array, ChunkScores]:
+        """One prompt's chunk at batch 1, keeping every position's logits to score
+        `targets` (see prompt_scores). Returns the last position's logits (1, V) too."""
+        logits = self.model(mx.array(tokens)[None], cache=cache)[0]
+        scores = score(logits, targets, k)
+        last = logits[-1:]
+        mx.eval(last, scores, [c.state for c in cache])
+        self.prompt_tokens_computed += len(tokens)
+        return last, to_numpy(scores)
 
     def prefill_batch(
         self, caches: list[list[Any]], rests: list[list[int]]

@@ -29,6 +29,7 @@ class Request:
     num_computed: int = 0  # prompt tokens already in its KV cache (a cached prefix counts)
     cache: Any = None  # its own batch-1 KV cache while prefilling
     payload: Any = None  # everything else the engine needs (params, guide, parser...)
+    prompt_scores: list[Any] = field(default_factory=list)  # scored chunks so far (echo)
 
     @property
     def remaining(self) -> int:

@@ -21,6 +21,11 @@ class RequestPayload:
     parser_factory: Any = None  # () -> ToolCallParser, when tool calls are parsed
     cache_key: str | None = None  # prompt_cache_key / user: keeps a session's cache
     continues_prompt: bool = False  # completions: the text goes on from the prompt's text
+    echo_text: str | None = None  # `echo` of a token-id prompt: its text, for ACCEPTED
+
+    @property
+    def scores_prompt(self) -> bool:
+        return self.params.prompt_logprobs is not None
 
 
 @dataclass(slots=True)
@@ -37,6 +42,7 @@ class Sequence:
     output: list[int] = field(default_factory=list)
     last_token: int = -1
     finish_reason: str | None = None
+    prompt_logprobs: list[LogprobEntry] | None = None  # sent on the first delta, then dropped
 
     @property
     def finished(self) -> bool:
@@ -52,10 +58,12 @@ class Sequence:
         reason: str | None = None
 
         # 1. End of sequence token: stops, emits no text (and no logprobs entry, so that the
-        # entries' tokens join to exactly the text).
+        # entries' tokens join to exactly the text). A scored prompt keeps it: log-likelihood
+        # clients count one entry per prompt token plus one per generated token.
         if token in self.eos_ids and not params.ignore_eos:
             reason = FinishReason.STOP
-            logprobs = None
+            if params.prompt_logprobs is None:
+                logprobs = None
         else:
             if guide is not None:
                 try:
@@ -78,6 +86,11 @@ class Sequence:
     def abort(self) -> Delta:
         return self._finish_delta(FinishReason.ABORT)
 
+    def finish_empty(self) -> Delta:
+        """`max_tokens` 0: the choice ends before its first token (the prompt is still
+        prefilled, and scored when asked)."""
+        return self._finish_delta(FinishReason.LENGTH)
+
     def _finish_delta(self, reason: str) -> Delta:
         self.finish_reason = reason
         return Delta(
@@ -85,7 +98,12 @@ class Sequence:
             index=self.index,
             finish_reason=reason,
             completion_tokens=len(self.output),
+            prompt_logprobs=self._take_prompt_logprobs(),
         )
+
+    def _take_prompt_logprobs(self) -> list[LogprobEntry] | None:
+        entries, self.prompt_logprobs = self.prompt_logprobs, None
+        return entries
 
     def _delta(
         self, token: int, text: str, reason: str | None, logprobs: LogprobEntry | None
@@ -114,6 +132,7 @@ class Sequence:
             finish_reason=reason,
             completion_tokens=len(self.output),
             stop_sequence=self.text.matched if reason is not None else None,
+            prompt_logprobs=self._take_prompt_logprobs(),
         )
 
 
