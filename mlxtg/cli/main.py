@@ -85,6 +85,24 @@ def up(
             help="Allow browser requests from this origin (repeatable; '*' for any). Off by default.",
         ),
     ] = None,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-host",
+            help="Also accept this Host header when listening on loopback (repeatable).",
+        ),
+    ] = None,
+    max_body_mb: Annotated[
+        float | None, typer.Option(help="Larger request bodies get 413 [32].")
+    ] = None,
+    drain_timeout: Annotated[
+        float | None,
+        typer.Option(help="Seconds in-flight requests may finish after SIGTERM [30]."),
+    ] = None,
+    stall_timeout: Annotated[
+        float | None,
+        typer.Option(help="A worker step running longer than this is a hung worker [120]."),
+    ] = None,
     batched_prefill: Annotated[
         bool | None,
         typer.Option(
@@ -118,6 +136,10 @@ def up(
         "fast_blas": fast_blas,
         "batched_prefill": batched_prefill,
         "cors_origins": cors_origin or None,
+        "allowed_hosts": allowed_host or None,
+        "max_body_mb": max_body_mb,
+        "drain_timeout": drain_timeout,
+        "stall_timeout": stall_timeout,
     }
     try:
         settings = build_settings(config, model, overrides)
@@ -149,6 +171,11 @@ def _serve(settings: Any) -> int:
             "port": settings.port,
             "api_keys": settings.api_keys,
             "cors_origins": settings.cors_origins,
+            "allowed_hosts": settings.allowed_hosts,
+            "max_body_bytes": int(settings.max_body_mb * (1 << 20)),
+            "max_request_sequences": settings.max_request_sequences,
+            "max_request_tokens": settings.max_request_tokens,
+            "drain_timeout": settings.drain_timeout,
         }
     )
     url = f"http://{settings.host}:{settings.port}"

@@ -14,6 +14,11 @@ class GatewaySettings(BaseModel):
     port: int = 5001
     api_keys: list[str] = Field(default_factory=list)
     cors_origins: list[str] = Field(default_factory=list)
+    allowed_hosts: list[str] = Field(default_factory=list)
+    max_body_bytes: int = 32 << 20
+    max_request_sequences: int = 256
+    max_request_tokens: int = 1 << 20
+    drain_timeout: float = 30.0
 
     @classmethod
     def from_env(cls) -> GatewaySettings:

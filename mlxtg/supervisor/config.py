@@ -47,6 +47,20 @@ class ServerSettings(BaseModel):
     # A started, idle worker process ready to take the next model (default: when several
     # models are configured), so a switch costs a weights load, not a Python start-up.
     standby_worker: bool | None = None
+    # Reliability (issue 14). Extra Host header names accepted when listening on loopback
+    # (DNS-rebinding guard); localhost, 127.0.0.1, [::1] and the bound host always are.
+    allowed_hosts: list[str] = Field(default_factory=list)
+    max_body_mb: float = Field(default=32.0, gt=0)  # larger request bodies get 413
+    # One HTTP request may ask for at most this many sequences (prompts x n) and this many
+    # sequences x max_tokens, so one call cannot hold the batch for minutes.
+    max_request_sequences: int = Field(default=256, ge=1)
+    max_request_tokens: int = Field(default=1 << 20, ge=1)
+    # SIGTERM: in-flight requests may finish for this long; the rest are cut with an error.
+    drain_timeout: float = Field(default=30.0, ge=0)
+    # Watchdog: a worker whose engine step runs longer than stall_timeout, or that sends no
+    # heartbeat for heartbeat_timeout, is failed, killed and respawned.
+    stall_timeout: float = Field(default=120.0, gt=0)
+    heartbeat_timeout: float = Field(default=15.0, gt=0)
 
     def model_names(self) -> list[str]:
         return [m.name for m in self.models]
