@@ -1,5 +1,8 @@
+import copy
+import gc
+
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from mlxtg.worker.prefix_cache import RamPrefixCache
 
@@ -59,3 +62,46 @@ def test_byte_and_count_budgets_evict_lru():
         cache.store([10 * i + j for j in range(4)], kv(4))
     assert len(cache) == 2 and cache.stats["evicted"] == 1
     assert cache.lookup([0, 1, 2, 3, 4]).source == "none"
+
+
+def _batch_rows(batch_size: int, positions: int, layers: int = 2) -> list[BatchKVCache]:
+    """A batch cache as the engine holds it: rows in one step-allocated buffer per layer."""
+    out = []
+    for layer in range(layers):
+        c = BatchKVCache([0] * batch_size)
+        k = mx.random.normal((batch_size, 4, positions, 32), key=mx.random.key(layer))
+        c.update_and_fetch(k, -k)
+        out.append(c)
+    mx.eval([(c.keys, c.values) for c in out])
+    return out
+
+
+def test_stored_entries_hold_only_the_bytes_they_report():
+    gc.collect()
+    base = mx.get_active_memory()
+    cache = RamPrefixCache(1 << 30, max_entries=64, min_tokens=1)
+    for burst in range(8):
+        batch = _batch_rows(8, 300)
+        for row in range(2):
+            # Finished rows are extracted (lazily) while the batch goes on decoding.
+            cache.store([burst * 2 + row + 1000, *range(299)], [c.extract(row) for c in batch])
+        step = mx.zeros((8, 4, 1, 32))
+        for c in batch:
+            c.update_and_fetch(step, step)
+        mx.eval([(c.keys, c.values) for c in batch])
+        del batch, step, c
+    single = KVCache()  # a prompt's own cache: a 256-position buffer holding 20
+    single.update_and_fetch(mx.ones((1, 4, 20, 32)), mx.ones((1, 4, 20, 32)))
+    cache.store(list(range(20)), [copy.copy(single)])
+    del single
+    gc.collect()
+    assert len(cache) == 17
+    held = mx.get_active_memory() - base
+    # Lazy or view entries would pin each burst's whole 8-row buffers: 7x the reported bytes.
+    assert cache.nbytes <= held <= 1.2 * cache.nbytes + (1 << 20), (held, cache.nbytes)
+    hit = cache.lookup([1000 + 5, *range(299), 7])
+    assert hit.tokens == 300 and hit.cache is not None
+    del hit
+    cache.clear()
+    gc.collect()
+    assert mx.get_active_memory() - base <= 1 << 20

@@ -53,6 +53,49 @@ def _trimmable(cache: list[Any]) -> bool:
     return all(type(c) is KVCache for c in cache)
 
 
+def _owned(cache: list[Any], n: int) -> list[Any]:
+    """Plain KV caches holding exactly the first `n` positions, in buffers of their own.
+
+    A row extracted from a batch is a lazy slice: until evaluated it keeps the whole batch
+    buffer alive, and an evaluated view keeps its source's buffer. `mx.array` always copies
+    (`mx.contiguous` may share a buffer up to 16 KB larger), so the bytes counted are the
+    bytes held."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache
+
+    out = []
+    for c in cache:
+        k = KVCache()
+        k.keys = mx.array(c.keys[..., :n, :])
+        k.values = mx.array(c.values[..., :n, :])
+        k.offset = n
+        out.append(k)
+    mx.eval([(c.keys, c.values) for c in out])
+    return out
+
+
+def _snapshot(cache: list[Any]) -> list[Any]:
+    """A deep copy of caches of any type, every array an evaluated copy (see `_owned`)."""
+    import mlx.core as mx
+
+    made: list[Any] = []
+
+    def own(x: Any) -> Any:
+        if isinstance(x, mx.array):
+            made.append(mx.array(x))
+            return made[-1]
+        if isinstance(x, list | tuple):
+            return type(x)(own(v) for v in x)
+        if hasattr(x, "__dict__"):  # a nested cache (CacheList)
+            for name, value in vars(x).items():
+                setattr(x, name, own(value))
+        return x
+
+    snapshot = [own(c) for c in copy.deepcopy(cache)]
+    mx.eval(made)
+    return snapshot
+
+
 def _slice(cache: list[Any], n: int) -> list[Any]:
     """A copy of the first n positions that later appends cannot alter."""
     from mlx_lm.models.cache import KVCache
@@ -121,6 +164,12 @@ class RamPrefixCache:
         """Keep a batch-1 cache holding exactly `tokens`."""
         if len(tokens) < self.min_tokens or self.max_bytes <= 0 or not _trimmable(cache):
             return
+        n = len(tokens)
+        if any(c.keys is None or c.offset < n for c in cache):
+            return
+        size = sum(n * (c.keys.nbytes + c.values.nbytes) // c.keys.shape[2] for c in cache)
+        if size > self.max_bytes:
+            return  # could never fit: keep what is stored, copy nothing
         arr = np.asarray(tokens, dtype=np.int64)
         for eid, entry in list(self._entries.items()):
             if entry.exact:
@@ -132,7 +181,8 @@ class RamPrefixCache:
             elif _common_prefix(entry.tokens, arr) == len(arr):
                 self._entries.move_to_end(eid)  # already covered by a longer entry
                 return
-        self._add(_Entry(arr, cache, sum(c.nbytes for c in cache)))
+        owned = _owned(cache, n)
+        self._add(_Entry(arr, owned, sum(c.nbytes for c in owned)))
 
     def store_checkpoint(self, tokens: list[int], cache: list[Any]) -> None:
         """Keep a copy of a cache that cannot be trimmed (sliding-window or SSM layers),
@@ -150,7 +200,7 @@ class RamPrefixCache:
             ):
                 self._entries.move_to_end(eid)
                 return
-        snapshot = copy.deepcopy(cache)
+        snapshot = _snapshot(cache)
         self._add(_Entry(arr, snapshot, sum(_nbytes(c) for c in snapshot), exact=True))
 
     def _add(self, entry: _Entry) -> None:
