@@ -1,7 +1,8 @@
-"""Human-readable `mlxtg status`."""
+"""Human-readable `mlxtg status` and `mlxtg cache ls`."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import typer
@@ -43,7 +44,32 @@ def print_status(data: dict[str, Any]) -> None:
         )
         typer.echo(
             f"              cache RAM {ram.get('entries', 0)} entries {_mb(ram.get('bytes', 0))}"
-            f" hits {ram.get('hits', 0)} misses {ram.get('misses', 0)}"
-            f" | disk {disk.get('slots', 0)} slots {_mb(disk.get('bytes', 0))}"
-            f" hits {disk.get('hits', 0)} misses {disk.get('misses', 0)} corrupt {disk.get('corrupt', 0)}"
+            f" hits {ram.get('hits', 0)} misses {ram.get('misses', 0)} | {_disk(disk)}"
+        )
+
+
+def _disk(disk: dict[str, Any]) -> str:
+    if disk.get("disabled"):
+        return f"disk DISABLED ({disk['disabled']})"
+    return (
+        f"disk {disk.get('slots', 0)} slots {_mb(disk.get('bytes', 0))}"
+        f" hits {disk.get('hits', 0)} misses {disk.get('misses', 0)}"
+        f" corrupt {disk.get('corrupt', 0)} write errors {disk.get('write_errors', 0)}"
+    )
+
+
+def print_caches(entries: list[dict[str, Any]], home: Any) -> None:
+    """Human-readable `mlxtg cache ls`: one line per model folder."""
+    if not entries:
+        typer.echo(f"no cached prompts under {home}")
+    for e in entries:
+        last = (
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(e["last_used"]))
+            if e["last_used"]
+            else "-"
+        )
+        typer.echo(
+            f"{e['model']:<24} {e['fingerprint']}  slots {e['slots']:>4}  tokens {e['tokens']:>8}"
+            f"  {e['bytes'] / 2**20:8.1f} MiB  last used {last}  hits {e['hits']}"
+            f"  corrupt {e.get('corrupt', 0)}  write errors {e.get('write_errors', 0)}"
         )
