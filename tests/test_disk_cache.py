@@ -76,9 +76,11 @@ def test_corrupt_or_truncated_block_is_discarded_and_counted(tmp_path: Path):
     data = bytearray(second.read_bytes())
     data[-3] ^= 0xFF  # flip bits inside the tensor data: only the checksum can tell
     second.write_bytes(bytes(data))
-    assert disk.load(tokens, 12) is None
+    layers = disk.load(tokens, 12)  # the block before the damaged one still serves
+    assert layers is not None and layers[0][0].shape[2] == 4
     assert disk.stats.corrupt == 1
     assert not second.exists()
+    assert disk.explain_miss(tokens) == "corrupt"
     assert disk.match(tokens) == 4
     first = disk._path(chain_hashes(tokens, 4)[0])
     first.write_bytes(first.read_bytes()[:50])  # truncated

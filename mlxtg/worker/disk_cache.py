@@ -8,6 +8,10 @@ quantisation, adapter, tokenizer, cache dtype): a block can never be loaded into
 model. Files are written atomically by a background thread (off the response path) and
 carry a checksum; a corrupt or truncated file is discarded and counted, never raised.
 
+A folder that cannot be used (read-only, a file in its place, `meta.json` a directory) turns
+the tier off: the worker serves from RAM alone and says why in its stats. A full disk
+evicts to make room; failed writes are counted, not raised.
+
 Eviction is LRU over *leaf* blocks (blocks no stored block extends), within a byte budget
 and a slot count, so shared prefixes such as a system prompt and tool list outlive the
 long tails that extend them. Blocks of an active session (`prompt_cache_key`) are kept.
@@ -16,6 +20,7 @@ long tails that extend them. Blocks of an active session (`prompt_cache_key`) ar
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -29,10 +34,14 @@ from typing import Any
 
 import numpy as np
 
+from ..kv_files import NotRegularFile, open_regular, read_index, read_json
+
 log = logging.getLogger("mlxtg.worker")
 
 _ROOT = b"mlxtg-kv-v1"
 SESSION_TTL_S = 30 * 60
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_REMEMBERED = 10_000  # evicted or corrupt block names kept to explain misses
 
 
 def chain_hashes(tokens: list[int], block: int) -> list[str]:
@@ -64,6 +73,7 @@ class DiskStats:
     blocks_loaded: int = 0
     bytes_written: int = 0
     corrupt: int = 0
+    write_errors: int = 0
     evicted: int = 0
     load_seconds: float = 0.0
 
@@ -91,7 +101,6 @@ class DiskCache:
         min_tokens: int = 128,
     ):
         self.dir = root / fingerprint
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
         self.max_slots = max_slots
         self.block = block_tokens
@@ -102,10 +111,24 @@ class DiskCache:
         self._blocks: dict[str, BlockInfo] = {}
         self._sessions: dict[str, tuple[float, set[str]]] = {}
         self._evicted: dict[str, None] = {}  # recently evicted blocks, to explain misses
+        self._corrupt: dict[str, None] = {}  # recently discarded blocks, likewise
+        self._past: dict[str, int] = {}  # error counters persisted by earlier workers
+        self._warned: set[str] = set()
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=64)
         self._meta = {"model": model_name, "fingerprint": fingerprint, "block_tokens": block_tokens}
-        (self.dir / "meta.json").write_text(json.dumps(self._meta))
-        self._scan()
+        self._writer: threading.Thread | None = None
+        self.disabled: str | None = None  # why the tier is off, or None
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._write_meta()
+            self._scan()
+        except Exception as exc:  # never fail the model load over the cache folder
+            self.disabled = _reason(exc, self.dir)
+            self._blocks.clear()
+            log.warning("KV disk cache disabled, serving from RAM only: %s", self.disabled)
+            return
+        if self.stats.corrupt:
+            self.save_index()
         self._writer = threading.Thread(target=self._write_loop, name="kv-disk-writer", daemon=True)
         self._writer.start()
 
@@ -114,35 +137,54 @@ class DiskCache:
     def _path(self, h: str) -> Path:
         return self.dir / h[:2] / f"{h}.safetensors"
 
+    def _write_meta(self) -> None:
+        """Atomically (temp file + rename), which also proves the folder is writable. A full
+        disk is no reason to stop reading what is already there."""
+        tmp = self.dir / f"meta.json.tmp{os.getpid()}"
+        try:
+            _write_bytes(tmp, json.dumps(self._meta).encode())
+            tmp.replace(self.dir / "meta.json")
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if exc.errno not in _NO_SPACE:
+                raise
+            self._write_failed(exc, "meta.json")
+
     def _scan(self) -> None:
         """Rebuild the index from the files (the disk is the truth; index.json adds use counts)."""
-        saved = {}
-        with contextlib.suppress(OSError, ValueError):
-            saved = json.loads((self.dir / "index.json").read_text())
+        saved, self._past = read_index(self.dir)
         for path in self.dir.glob("*/*.safetensors"):
             h = path.stem
             try:
                 meta = _read_meta(path)
+                size, mtime = path.stat().st_size, path.stat().st_mtime
+            except NotRegularFile:
+                self._warn("not-a-file", "skipping %s: not a regular file", path)
+                continue
             except (OSError, ValueError):
-                self.stats.corrupt += 1
-                self._discard(path)
+                self._discard_corrupt(h, path)
                 continue
             old = saved.get(h, {})
+            try:
+                last, hits = float(old.get("last_used", mtime)), int(old.get("hits", 0))
+            except (TypeError, ValueError):
+                last, hits = mtime, 0
             self._blocks[h] = BlockInfo(
-                parent=meta.get("parent") or None,
-                nbytes=path.stat().st_size,
-                last_used=float(old.get("last_used", path.stat().st_mtime)),
-                hits=int(old.get("hits", 0)),
+                parent=meta.get("parent") or None, nbytes=size, last_used=last, hits=hits
             )
         for info in self._blocks.values():
             if info.parent is not None and info.parent in self._blocks:
                 self._blocks[info.parent].children += 1
         for tmp in self.dir.glob("*/*.tmp*"):
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
     def save_index(self) -> None:
+        if self.disabled:
+            return
         with self._lock:
-            data = {
+            blocks = {
                 h: {
                     "last_used": b.last_used,
                     "hits": b.hits,
@@ -151,15 +193,20 @@ class DiskCache:
                 }
                 for h, b in self._blocks.items()
             }
+        counters = {
+            k: self._past.get(k, 0) + getattr(self.stats, k) for k in ("corrupt", "write_errors")
+        }
         # The index only adds use counts to what the files say: failing to write it (folder
         # removed by `mlxtg cache clear` of a stopped server, disk full) must never crash.
+        tmp = self.dir / "index.json.tmp"
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.dir / "index.json.tmp"
-            tmp.write_text(json.dumps(data))
+            _write_bytes(tmp, json.dumps({"blocks": blocks, "counters": counters}).encode())
             tmp.replace(self.dir / "index.json")
         except OSError as exc:
-            log.warning("could not save the KV cache index: %s", exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            self._warn(f"index:{exc.errno}", "could not save the KV cache index: %s", exc)
 
     @property
     def nbytes(self) -> int:
@@ -176,6 +223,8 @@ class DiskCache:
 
     def match(self, tokens: list[int]) -> int:
         """How many leading tokens of `tokens` the disk holds (whole blocks), without loading."""
+        if self.disabled:
+            return 0
         n = 0
         with self._lock:
             for h in chain_hashes(tokens, self.block):
@@ -184,19 +233,28 @@ class DiskCache:
                 n += self.block
         return n
 
-    def load(self, tokens: list[int], n_tokens: int) -> list[tuple[Any, Any]] | None:
+    def load(
+        self, tokens: list[int], n_tokens: int, at_least: int = 1
+    ) -> list[tuple[Any, Any]] | None:
         """Per-layer (keys, values) mx arrays for the first `n_tokens` (a multiple of the
-        block size); None if a block turned out corrupt (it is discarded and counted)."""
+        block size), or for the blocks before the first unreadable one (it is discarded and
+        counted); None when that leaves fewer than `at_least` tokens."""
         import mlx.core as mx
 
+        if self.disabled:
+            return None
         started = time.monotonic()
         hashes = chain_hashes(tokens[:n_tokens], self.block)
         parts: list[list[tuple[np.ndarray, np.ndarray]]] = []
         for h in hashes:
-            layers = self._read_block(h)
+            layers = self._read_block(h, parts[0] if parts else None)
             if layers is None:
-                return None
+                break
             parts.append(layers)
+        if len(parts) * self.block < max(at_least, 1):
+            return None
+        hashes = hashes[: len(parts)]
+        n_tokens = len(parts) * self.block
         now = time.time()
         with self._lock:
             for h in hashes:
@@ -214,43 +272,70 @@ class DiskCache:
         self.stats.load_seconds += time.monotonic() - started
         return out
 
-    def _read_block(self, h: str) -> list[tuple[np.ndarray, np.ndarray]] | None:
-        from safetensors.numpy import load_file
+    def _read_block(
+        self, h: str, like: list[tuple[np.ndarray, np.ndarray]] | None
+    ) -> list[tuple[np.ndarray, np.ndarray]] | None:
+        """A block's layers, checked against its checksum and against `like` (the chain's
+        first block); None if it is unreadable (discarded and counted when damaged)."""
+        from safetensors.numpy import load
 
         path = self._path(h)
         try:
-            tensors = load_file(str(path))
-            meta = _read_meta(path)
+            with open_regular(path) as f:
+                data = f.read()
+            tensors = load(data)
+            meta = _parse_meta(data)
             if _checksum(tensors) != meta.get("checksum"):
                 raise ValueError("checksum mismatch")
-            n_layers = int(meta["layers"])
+            layers = [(tensors[f"{i}.k"], tensors[f"{i}.v"]) for i in range(int(meta["layers"]))]
+            if not layers or any(k.shape[2] != self.block for k, _ in layers):
+                raise ValueError("wrong block shape")
+            if like is not None and [(k.shape, v.shape) for k, v in layers] != [
+                (k.shape, v.shape) for k, v in like
+            ]:
+                raise ValueError("shapes differ from the rest of the chain")
             self.dtype = meta.get("dtype", "")
-            return [(tensors[f"{i}.k"], tensors[f"{i}.v"]) for i in range(n_layers)]
+            return layers
+        except NotRegularFile:
+            self._warn("not-a-file", "skipping %s: not a regular file", path)
+        except FileNotFoundError:  # `mlxtg cache clear` ran
+            pass
         except Exception as exc:  # any damage: drop the block, never crash the worker
             log.warning("discarding corrupt KV block %s: %s", path.name, exc)
-            self.stats.corrupt += 1
-            with self._lock:
-                self._forget(h)
-            self._discard(path)
-            return None
+            self._discard_corrupt(h, path)
+        with self._lock:
+            self._forget(h)
+        return None
+
+    def _discard_corrupt(self, h: str, path: Path) -> None:
+        self.stats.corrupt += 1
+        _remember(self._corrupt, h)
+        self._discard(path)
 
     def explain_miss(self, tokens: list[int]) -> str | None:
-        """Why the disk holds nothing for `tokens`: evicted, or cached for another
-        fingerprint of this model (weights, quantisation, adapter or tokenizer changed)."""
-        hashes = chain_hashes(tokens[: self.block], self.block)
+        """Why the disk stops short of `tokens`: the next block was discarded as corrupt or
+        evicted, or the prompt was cached for another fingerprint of this model (weights,
+        quantisation, adapter or tokenizer changed)."""
+        hashes = chain_hashes(tokens, self.block)
         if not hashes:
             return "below_minimum"
-        first = hashes[0]
-        if first in self._evicted:
+        with self._lock:
+            missing = next((h for h in hashes if h not in self._blocks), None)
+        if missing in self._corrupt:
+            return "corrupt"
+        if missing in self._evicted:
             return "evicted"
+        first = hashes[0]
+        if missing != first or self.disabled:
+            return None
         for sibling in self.dir.parent.glob("*"):
             if sibling == self.dir or not (sibling / first[:2] / f"{first}.safetensors").exists():
                 continue
             try:
-                meta = json.loads((sibling / "meta.json").read_text())
+                meta = read_json(sibling / "meta.json")
             except (OSError, ValueError):
                 continue
-            if meta.get("model") == self._meta["model"]:
+            if isinstance(meta, dict) and meta.get("model") == self._meta["model"]:
                 return "fingerprint_mismatch"
         return None
 
@@ -262,7 +347,7 @@ class DiskCache:
         """Queue a finished sequence's cache (batch 1, holding exactly `tokens`) for writing.
         Non-blocking: when the writer is behind, the sequence is simply not stored."""
         full = (len(tokens) // self.block) * self.block
-        if full < self.min_tokens or self.max_bytes <= 0:
+        if full < self.min_tokens or self.max_bytes <= 0 or self.disabled:
             return None
         hashes = chain_hashes(tokens[:full], self.block)
         with self._lock:
@@ -298,8 +383,6 @@ class DiskCache:
                 job.done.set()
 
     def _write(self, job: _Job) -> None:
-        from safetensors.numpy import save_file
-
         hashes = chain_hashes(job.tokens, self.block)
         layers = [(np.array(k), np.array(v)) for k, v in job.layers]
         parent = None
@@ -318,28 +401,77 @@ class DiskCache:
                     "dtype": self.dtype,
                     "checksum": _checksum(tensors),
                 }
-                path = self._path(h)
-                if not path.parent.exists():  # first block in this folder, or after a clear
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    (self.dir / "meta.json").write_text(json.dumps(self._meta))
-                tmp = path.with_suffix(f".tmp{os.getpid()}")
-                save_file(tensors, str(tmp), metadata=meta)
-                tmp.replace(path)  # atomic: readers see a whole file or none
-                size = path.stat().st_size
-                with self._lock:
-                    self._blocks[h] = BlockInfo(parent=parent, nbytes=size, last_used=time.time())
-                    if parent is not None and parent in self._blocks:
-                        self._blocks[parent].children += 1
-                self.stats.blocks_written += 1
-                self.stats.bytes_written += size
+                if not self._write_block(h, parent, tensors, meta, keep=hashes[:i]):
+                    hashes = hashes[:i]  # the blocks after it would have no parent
+                    break
             parent = h
         with self._lock:
             self._touch_session(job.session, hashes)
         self._evict()
         self.save_index()
 
+    def _write_block(
+        self,
+        h: str,
+        parent: str | None,
+        tensors: dict[str, np.ndarray],
+        meta: dict[str, str],
+        keep: list[str],
+    ) -> bool:
+        """Write one block atomically; on a full disk evict other blocks and try once more.
+        False (counted, logged once per kind of error) when it could not be written."""
+        from safetensors.numpy import save
+
+        data = save(tensors, metadata=meta)
+        path = self._path(h)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        for retry in (False, True):
+            try:
+                if not path.parent.is_dir():  # first block in this folder, or after a clear
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    if not (self.dir / "meta.json").is_file():
+                        self._write_meta()
+                _write_bytes(tmp, data)
+                tmp.replace(path)  # atomic: readers see a whole file or none
+                size = path.stat().st_size
+                break
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                if not retry and exc.errno in _NO_SPACE and self._make_room(len(data), keep):
+                    continue
+                self._write_failed(exc, path.name)
+                return False
+        with self._lock:
+            # A block rewritten after a discard may already have children on disk.
+            children = sum(1 for b in self._blocks.values() if b.parent == h)
+            self._blocks[h] = BlockInfo(parent, size, time.time(), children=children)
+            if parent is not None and parent in self._blocks:
+                self._blocks[parent].children += 1
+        self.stats.blocks_written += 1
+        self.stats.bytes_written += size
+        return True
+
+    def _write_failed(self, exc: OSError, what: str) -> None:
+        self.stats.write_errors += 1
+        self._warn(
+            f"write:{exc.errno}",
+            "could not write %s to the KV disk cache: %s (counted in write_errors; "
+            "this kind of failure is not logged again)",
+            what,
+            exc.strerror or exc,
+        )
+
+    def _warn(self, kind: str, msg: str, *args: Any) -> None:
+        """Log a warning once per kind, so a failing disk does not flood the log."""
+        if kind not in self._warned:
+            self._warned.add(kind)
+            log.warning(msg, *args)
+
     def flush(self, timeout: float = 30.0) -> None:
         """Wait until queued writes are on disk (tests, shutdown)."""
+        if self._writer is None:
+            return
         marker = _Job([], [])
         self._queue.put(marker)
         marker.done.wait(timeout)
@@ -368,21 +500,40 @@ class DiskCache:
             protected = self._protected()
             total = sum(b.nbytes for b in self._blocks.values())
             while total > self.max_bytes or self.slots_locked() > self.max_slots:
-                leaves = [
-                    (b.last_used, h)
-                    for h, b in self._blocks.items()
-                    if b.children == 0 and h not in protected
-                ]
-                if not leaves:
+                freed = self._evict_one(protected)
+                if not freed:
                     break
-                _, victim = min(leaves)
-                total -= self._blocks[victim].nbytes
-                self._forget(victim)
-                self._evicted[victim] = None
-                if len(self._evicted) > 10_000:
-                    del self._evicted[next(iter(self._evicted))]
-                self._discard(self._path(victim))
-                self.stats.evicted += 1
+                total -= freed
+
+    def _make_room(self, nbytes: int, keep: list[str]) -> bool:
+        """The disk is full: evict least recently used blocks (never `keep`, the chain being
+        written) until `nbytes` are freed. Whether anything was."""
+        with self._lock:
+            protected = self._protected() | set(keep)
+            freed = 0
+            while freed < nbytes:
+                one = self._evict_one(protected)
+                if not one:
+                    break
+                freed += one
+        return freed > 0
+
+    def _evict_one(self, protected: set[str]) -> int:
+        """Evict the least recently used unprotected leaf (lock held); its size, or 0."""
+        leaves = [
+            (b.last_used, h)
+            for h, b in self._blocks.items()
+            if b.children == 0 and h not in protected
+        ]
+        if not leaves:
+            return 0
+        _, victim = min(leaves)
+        size = self._blocks[victim].nbytes
+        self._forget(victim)
+        _remember(self._evicted, victim)
+        self._discard(self._path(victim))
+        self.stats.evicted += 1
+        return max(size, 1)
 
     def slots_locked(self) -> int:
         return sum(1 for b in self._blocks.values() if b.children == 0)
@@ -398,6 +549,8 @@ class DiskCache:
             path.unlink()
 
     def clear(self) -> None:
+        if self.disabled:
+            return
         self.flush()
         with self._lock:
             for h in list(self._blocks):
@@ -409,6 +562,7 @@ class DiskCache:
         with self._lock:
             last = max((b.last_used for b in self._blocks.values()), default=None)
             return {
+                "disabled": self.disabled,
                 "blocks": len(self._blocks),
                 "slots": self.slots_locked(),
                 "tokens": len(self._blocks) * self.block,
@@ -429,15 +583,46 @@ def _checksum(tensors: dict[str, np.ndarray]) -> str:
 
 def _read_meta(path: Path) -> dict[str, str]:
     """The safetensors header's metadata, without reading the tensors."""
-    with path.open("rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        if not 0 < size < 100_000_000:
-            raise ValueError("bad header")
-        header = json.loads(f.read(size))
-    meta = header.get("__metadata__") or {}
+    with open_regular(path) as f:
+        head = f.read(8)
+        return _parse_meta(head + f.read(_header_size(head)))
+
+
+def _header_size(head: bytes) -> int:
+    size = int.from_bytes(head[:8], "little")
+    if len(head) < 8 or not 0 < size < 100_000_000:
+        raise ValueError("bad header")
+    return size
+
+
+def _parse_meta(data: bytes) -> dict[str, str]:
+    """The metadata in the header at the start of a safetensors file's bytes."""
+    size = _header_size(data)
+    header = json.loads(data[8 : 8 + size])
+    meta = (header.get("__metadata__") or {}) if isinstance(header, dict) else None
     if not isinstance(meta, dict):
         raise ValueError("bad metadata")
     return meta
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    """The one place the disk tier writes file contents (tests make it fail)."""
+    with path.open("wb") as f:
+        f.write(data)
+
+
+def _remember(seen: dict[str, None], h: str) -> None:
+    seen[h] = None
+    if len(seen) > _REMEMBERED:
+        del seen[next(iter(seen))]
+
+
+def _reason(exc: BaseException, where: Path | str = "") -> str:
+    """`strerror: path` for an OSError, else the message, prefixed with `where`."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename:
+        return f"{exc.strerror}: {exc.filename2 or exc.filename}"
+    text = (exc.strerror if isinstance(exc, OSError) else None) or str(exc) or type(exc).__name__
+    return f"{where}: {text}" if where else text
 
 
 def _storable(x: Any) -> Any:

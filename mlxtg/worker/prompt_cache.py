@@ -4,6 +4,7 @@ A request starts from the longest cached prefix of its prompt, whichever tier ho
 of it (RAM wins ties: it costs nothing to load). Finished sequences go to RAM, and plain
 KV caches also to disk (written by the disk tier's background thread). Untrimmable caches
 (sliding window, SSM) are kept in RAM only, as exact-prefix checkpoints of prompts.
+A disk tier that could not open its folder (`disk.disabled`) is left out: RAM serves alone.
 """
 
 from __future__ import annotations
@@ -31,36 +32,42 @@ class PromptCache:
 
     @property
     def enabled(self) -> bool:
-        return self.ram.max_bytes > 0 or self.disk is not None
+        return self.ram.max_bytes > 0 or self._usable_disk() is not None
+
+    def _usable_disk(self) -> DiskCache | None:
+        return self.disk if self.disk is not None and not self.disk.disabled else None
 
     def lookup(self, prompt: list[int], session: str | None) -> Lookup:
         hit = self.ram.lookup(prompt)
         found = Lookup(hit.tokens, hit.cache, hit.source, hit.miss_reason)
-        disk = self.disk
+        disk = self._usable_disk()
         if disk is None:
             return found
         disk.touch_session(session, prompt)
         matched = disk.match(prompt)
         on_disk = min(matched, len(prompt) - 1)  # leave one token to compute logits from
         if on_disk > found.tokens and on_disk >= disk.min_tokens:
-            layers = disk.load(prompt, matched)
+            # A damaged block cuts the chain short: the blocks before it still serve.
+            layers = disk.load(prompt, matched, at_least=max(disk.min_tokens, found.tokens + 1))
             if layers is not None:
-                return Lookup(on_disk, _cache_from(layers, on_disk), "disk", None)
-            if found.cache is None:
-                found.miss_reason = "corrupt"
-        elif found.cache is None and on_disk > 0:
-            found.miss_reason = "below_minimum"
+                n = min(layers[0][0].shape[2], len(prompt) - 1)
+                return Lookup(n, _cache_from(layers, n), "disk", None)
+            on_disk = 0
+        if found.cache is None:
             disk.stats.misses += 1
-        elif found.cache is None:
-            disk.stats.misses += 1
-            found.miss_reason = disk.explain_miss(prompt) or found.miss_reason
+            found.miss_reason = (
+                disk.explain_miss(prompt)
+                or ("below_minimum" if on_disk > 0 else None)
+                or found.miss_reason
+            )
         return found
 
     def store(self, tokens: list[int], cache: list[Any], session: str | None) -> None:
         """Keep a batch-1 cache holding exactly `tokens` (a finished sequence or prompt)."""
         self.ram.store(list(tokens), cache)
-        if self.disk is not None and plain(cache):
-            self.disk.submit(list(tokens), cache, session)
+        disk = self._usable_disk()
+        if disk is not None and plain(cache):
+            disk.submit(list(tokens), cache, session)
 
     def store_prompt(self, prompt: list[int], cache: list[Any], session: str | None) -> None:
         """A prompt whose cache goes on being used (it is copied: later appends must not
