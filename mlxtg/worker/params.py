@@ -82,11 +82,21 @@ class SamplingParams:
         return d
 
     @classmethod
-    def from_wire(cls, d: dict[str, Any]) -> SamplingParams:
+    def from_wire(cls, d: dict[str, Any], vocab_size: int | None = None) -> SamplingParams:
+        """The record from its wire form. With `vocab_size`, a `logit_bias` with more entries
+        than the vocabulary has tokens is refused before its entries are converted."""
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known}
         if "logit_bias" in kwargs:
-            kwargs["logit_bias"] = {int(k): float(v) for k, v in kwargs["logit_bias"].items()}
+            bias = kwargs["logit_bias"]
+            if vocab_size is not None and len(bias) > vocab_size:
+                # More entries than tokens: some are duplicates or not tokens at all.
+                raise RequestError(
+                    f"logit_bias has {len(bias)} entries; this model's vocabulary has "
+                    f"{vocab_size} tokens, at most one entry each",
+                    param="logit_bias",
+                )
+            kwargs["logit_bias"] = {int(k): float(v) for k, v in bias.items()}
         return cls(**kwargs)
 
     def validate_against(self, vocab_size: int) -> None:
@@ -95,24 +105,32 @@ class SamplingParams:
             raise RequestError(
                 f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="logprobs"
             )
-        for token_id in self.logit_bias:
-            if not 0 <= token_id < vocab_size:
-                raise RequestError(
-                    f"logit_bias token id {token_id} is outside the vocabulary (0..{vocab_size - 1})",
-                    param="logit_bias",
-                )
+        ids = self.logit_bias
+        # min and max run in C: a map of a vocabulary's size is checked in milliseconds.
+        if ids and not (min(ids) >= 0 and max(ids) < vocab_size):
+            bad = next(t for t in ids if not 0 <= t < vocab_size)
+            raise RequestError(
+                f"logit_bias token id {bad} is outside the vocabulary (0..{vocab_size - 1})",
+                param="logit_bias",
+            )
 
 
 def resolve_max_tokens(
-    params: SamplingParams, prompt_tokens: int, context_length: int, param: str = "max_tokens"
+    params: SamplingParams,
+    prompt_tokens: int,
+    context_length: int,
+    param: str = "max_tokens",
+    at_least: bool = False,
 ) -> int:
-    """How many tokens a request may generate; a 400 that states both numbers on overflow."""
+    """How many tokens a request may generate; a 400 that states both numbers on overflow.
+    With `at_least`, `prompt_tokens` is a lower bound (the prompt was not tokenised)."""
     room = context_length - prompt_tokens
+    some = "at least " if at_least else ""
     if params.max_tokens is None:
         if room <= 0:
             raise RequestError(
                 f"This model's maximum context length is {context_length} tokens, but the "
-                f"prompt has {prompt_tokens} tokens, leaving no room to generate.",
+                f"prompt has {some}{prompt_tokens} tokens, leaving no room to generate.",
                 param="messages",
                 code="context_length_exceeded",
             )
@@ -120,8 +138,8 @@ def resolve_max_tokens(
     if prompt_tokens + params.max_tokens > context_length:
         raise RequestError(
             f"This model's maximum context length is {context_length} tokens. However, you "
-            f"requested {prompt_tokens + params.max_tokens} tokens ({prompt_tokens} in the "
-            f"prompt, {params.max_tokens} for the completion). Please reduce the prompt or "
+            f"requested {some}{prompt_tokens + params.max_tokens} tokens ({some}{prompt_tokens} "
+            f"in the prompt, {params.max_tokens} for the completion). Please reduce the prompt or "
             f"{param}.",
             param=param,
             code="context_length_exceeded",
