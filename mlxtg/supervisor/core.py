@@ -53,6 +53,7 @@ from .processes import (
     stop_process,
     weights_bytes,
 )
+from .watchdog import hung_reason
 
 log = logging.getLogger("mlxtg.supervisor")
 
@@ -92,7 +93,13 @@ class Supervisor:
             if settings.standby_worker is not None
             else len(settings.models) > 1
         )
-        self.counters = {"model_loads": 0, "evictions": 0, "worker_restarts": 0, "load_failures": 0}
+        self.counters = {
+            "model_loads": 0,
+            "evictions": 0,
+            "worker_restarts": 0,
+            "worker_hangs": 0,
+            "load_failures": 0,
+        }
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -280,6 +287,7 @@ class Supervisor:
             return
         handle.state = WorkerState.READY
         handle.ready_at = time.time()
+        handle.last_heartbeat = time.monotonic()  # the watchdog counts from here, not the spawn
         self._model_card(handle.spec)
         self._cards[handle.name]["context_length"] = msg.context_length
         handle.facts = {
@@ -414,6 +422,8 @@ class Supervisor:
             code = handle.proc.poll()
             if code is not None and handle.state != WorkerState.STOPPED:
                 self._worker_died(handle, code)
+            elif reason := self._hung(handle, now):
+                self._worker_hung(handle, reason)
             elif handle.state == WorkerState.DRAINING and handle.idle:
                 self._evict(handle)
             elif (
@@ -443,8 +453,32 @@ class Supervisor:
             if queue:
                 self._ensure_loading(model)
 
-    def _worker_died(self, handle: WorkerHandle, code: int) -> None:
-        log.error("worker for %s exited unexpectedly (code %s)", handle.name, code)
+    def _hung(self, handle: WorkerHandle, now: float) -> str | None:
+        if handle.state not in (WorkerState.READY, WorkerState.DRAINING):
+            return None  # loading is bounded by load_timeout, not heartbeats
+        return hung_reason(
+            now - handle.last_heartbeat,
+            handle.stats,
+            self.settings.heartbeat_timeout,
+            self.settings.stall_timeout,
+        )
+
+    def _worker_hung(self, handle: WorkerHandle, reason: str) -> None:
+        """A worker that stopped serving without exiting: fail its requests, kill it
+        (SIGKILL reaches a stopped process too) and respawn it."""
+        log.error("worker for %s is hung: %s; killing pid %d", handle.name, reason, handle.proc.pid)
+        self.counters["worker_hangs"] += 1
+        handle.proc.kill()
+        with contextlib.suppress(Exception):
+            handle.proc.wait(timeout=5)
+        self._worker_died(
+            handle, handle.proc.returncode, f"the worker serving '{handle.name}' hung ({reason})"
+        )
+
+    def _worker_died(self, handle: WorkerHandle, code: int | None, why: str = "") -> None:
+        if not why:
+            log.error("worker for %s exited unexpectedly (code %s)", handle.name, code)
+            why = f"the worker serving '{handle.name}' exited unexpectedly"
         self.counters["worker_restarts"] += 1
         for rid in list(handle.inflight):
             route = self.routes.pop(rid, None)
@@ -454,7 +488,7 @@ class Supervisor:
                     Error(
                         request_id=rid,
                         status=503,
-                        message=f"the worker serving '{handle.name}' exited unexpectedly; retry the request",
+                        message=f"{why}; retry the request",
                         type="server_error",
                         code="worker_died",
                         retry_after=1.0,
@@ -482,6 +516,10 @@ class Supervisor:
                 503,
                 f"the worker for '{handle.name}' exited while loading (code {code})",
             )
+        elif not self.stopping:
+            # It was serving: load it again now, so the model is back before the next
+            # request rather than after it.
+            self._ensure_loading(handle.name)
 
     # --- control -------------------------------------------------------------------------------
 

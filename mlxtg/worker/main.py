@@ -166,11 +166,19 @@ class EngineLoop:
         self.io: WorkerIO | None = None
         self.started = time.time()
         self.last_step = time.time()
+        # When the step now running began (None between steps). The supervisor's watchdog
+        # reads its age from heartbeats: a forward pass that hangs shows up here even though
+        # the I/O thread keeps beating.
+        self.step_started: float | None = None
 
     def stats(self) -> dict[str, Any]:
         """Called from the I/O thread: reads only the snapshot the engine published."""
+        started = self.step_started
         return dict(
-            self.engine.snapshot, last_step=self.last_step, uptime=time.time() - self.started
+            self.engine.snapshot,
+            last_step=self.last_step,
+            step_age_s=0.0 if started is None else round(time.monotonic() - started, 3),
+            uptime=time.time() - self.started,
         )
 
     def run(self) -> None:
@@ -185,7 +193,9 @@ class EngineLoop:
             if idle and not items:
                 continue
             # 2. One step; its decode tokens leave before its prefill work starts.
+            self.step_started = time.monotonic()
             messages = self.engine.step(items, flush=io.send_all)
+            self.step_started = None
             self.last_step = time.time()
             if messages:
                 io.send_all(messages)
