@@ -324,27 +324,15 @@ app.add_typer(cache_app, name="cache")
 
 @cache_app.command("ls")
 def cache_ls(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """Per model: slots, tokens, bytes, last use and hit counts."""
-    import time
-
+    """Per model: slots, tokens, bytes, last use, hits, corrupt blocks and write errors."""
     from ..kv_files import list_caches
+    from .render import print_caches
 
     entries = list_caches()
     if as_json:
         typer.echo(json.dumps(entries, indent=2))
         return
-    if not entries:
-        typer.echo(f"no cached prompts under {paths.home()}")
-    for e in entries:
-        last = (
-            time.strftime("%Y-%m-%d %H:%M", time.localtime(e["last_used"]))
-            if e["last_used"]
-            else "-"
-        )
-        typer.echo(
-            f"{e['model']:<24} {e['fingerprint']}  slots {e['slots']:>4}  tokens {e['tokens']:>8}"
-            f"  {e['bytes'] / 2**20:8.1f} MiB  last used {last}  hits {e['hits']}"
-        )
+    print_caches(entries, paths.home())
 
 
 @cache_app.command("clear")
