@@ -3,8 +3,8 @@ import pytest
 from mlxtg.worker.scheduler import QueueFull, Request, Scheduler
 
 
-def req(rid, n_tokens, n=1):
-    return Request(request_id=rid, prompt=list(range(n_tokens)), n=n)
+def req(rid, n_tokens, n=1, max_tokens=1):
+    return Request(request_id=rid, prompt=list(range(n_tokens)), n=n, max_tokens=max_tokens)
 
 
 def run_plan(s, plan):
@@ -66,16 +66,96 @@ def test_nothing_running_gets_the_idle_budget():
     assert len(s.schedule().final) == 5  # one waiting per running stream: chunk_tokens
 
 
-def test_batch_limit_holds_requests_back_in_order():
+def started(plan):
+    return [c.request.request_id for c in plan.prefill]
+
+
+def test_a_request_that_does_not_fit_lets_later_ones_take_the_free_rows():
     s = Scheduler(max_batch=4, max_queued=64, chunk_tokens=4096)
     running(s, 3)
     s.add(req("a", 10, n=2))
     s.add(req("b", 10, n=1))
     plan = s.schedule()
-    assert plan.prefill == []  # "a" needs 2 slots, only 1 free: FIFO, b waits too
+    assert started(plan) == ["b"]  # "a" needs 2 rows, only 1 is free
+    assert s.waiting[0].overtaken == 1
+    run_plan(s, plan)
     running(s, 2)
+    assert started(s.schedule()) == ["a"]
+
+
+def test_the_least_work_starts_first():
+    s = Scheduler(max_batch=8, max_queued=64, chunk_tokens=4096)
+    running(s, 1)
+    s.add(req("big", 10, n=4, max_tokens=300))
+    s.add(req("long", 10, max_tokens=1000))
+    s.add(req("short", 10, max_tokens=8))
+    s.add(req("also-short", 10, max_tokens=8))
+    assert [r.request_id for r in s.order()] == ["short", "also-short", "long", "big"]
+    assert started(s.schedule()) == ["short", "also-short", "long", "big"]  # all fit
+    running(s, 5)
+    for r in list(s.waiting):
+        s.remove(r.request_id)
+    s.add(req("big", 10, n=4, max_tokens=300))
+    s.add(req("short", 10, max_tokens=8))
+    # 3 free rows: the short one starts, the big one waits for 4.
+    assert started(s.schedule()) == ["short"]
+
+
+def test_an_overtaken_request_holds_the_line_until_its_rows_are_free():
+    s = Scheduler(max_batch=4, max_queued=64, chunk_tokens=4096, max_overtakes=2)
+    running(s, 3)
+    s.add(req("big", 10, n=2, max_tokens=100))
+    for i in range(2):  # a stream of short requests, each taking the one free row
+        s.add(req(f"short{i}", 10, max_tokens=8))
+        plan = s.schedule()
+        assert started(plan) == [f"short{i}"]
+        run_plan(s, plan)
+        s.running.pop()  # ... and finishing
+    assert s.waiting[0].overtaken == 2 and s.holds_line(s.waiting[0])
+    s.add(req("short2", 10, max_tokens=8))
+    assert started(s.schedule()) == []  # a row is free, but it is big's turn
+    s.running.pop()
     plan = s.schedule()
-    assert [c.request.request_id for c in plan.prefill] == ["a"]
+    assert started(plan) == ["big"]  # 2 rows free: big, then short2 would not fit
+    run_plan(s, plan)
+    s.running.pop()
+    assert started(s.schedule()) == ["short2"]
+
+
+def test_a_request_bigger_than_the_batch_is_not_starved():
+    s = Scheduler(max_batch=4, max_queued=64, chunk_tokens=4096, max_overtakes=3)
+    running(s, 1)
+    s.add(req("huge", 10, n=6, max_tokens=100))
+    for i in range(3):
+        s.add(req(f"short{i}", 10, max_tokens=8))
+        plan = s.schedule()
+        assert started(plan) == [f"short{i}"]  # "huge" runs alone: only on an empty batch
+        run_plan(s, plan)
+        s.running.pop(0)
+    s.add(req("late", 10, max_tokens=8))
+    assert started(s.schedule()) == []  # "huge" holds the line: the batch drains
+    s.running = []
+    plan = s.schedule()
+    assert started(plan) == ["huge"]
+    run_plan(s, plan)
+    assert len(s.running) == 6 and started(s.schedule()) == []
+
+
+def test_a_prompt_being_chunked_is_finished_before_new_work_starts():
+    s = Scheduler(max_batch=8, max_queued=8, chunk_tokens=512)
+    running(s, 1)
+    s.add(req("long", 1500, max_tokens=500))
+    plan = s.schedule()
+    assert plan.partial is not None and plan.partial.request.request_id == "long"
+    run_plan(s, plan)
+    s.add(req("short", 10, max_tokens=4))  # less work, but "long" holds a half-built cache
+    plan = s.schedule()
+    assert plan.partial is not None and plan.partial.request.request_id == "long"
+    run_plan(s, plan)
+    plan = s.schedule()
+    assert started(plan) == ["long"] and plan.final[0].is_last
+    run_plan(s, plan)
+    assert started(s.schedule()) == ["short"]
 
 
 def test_request_larger_than_batch_runs_alone():

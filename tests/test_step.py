@@ -170,6 +170,35 @@ def test_abort_running_and_waiting(loaded):
     assert len(log.tokens[("a", 0)]) == 20 and log.finish[("a", 0)] == "length"
 
 
+def test_a_short_request_overtakes_one_whose_choices_do_not_fit(loaded):
+    alone = engine(loaded)
+    ref = drain(alone, Log().take(alone.step([request(loaded, "big", "tell a story", n=3)])))
+    eng = engine(loaded, max_batch=4)
+    log = Log().take(eng.step([request(loaded, "first", "hello", n=2, max_tokens=12)]))
+    arrivals = [
+        request(loaded, "big", "tell a story", n=3),
+        request(loaded, "small", "hi", max_tokens=4),
+    ]
+    first_token: dict[str, int] = {}
+    finished: dict[tuple[str, int], int] = {}  # the step each choice finished in
+    for step in range(200):
+        before = {k: len(v) for k, v in log.tokens.items()}
+        log.take(eng.step(arrivals if step == 0 else []))
+        for key, toks in log.tokens.items():
+            if toks and not before.get(key):
+                first_token.setdefault(key[0], step)
+        for key in log.finish:
+            finished.setdefault(key, step)
+        if eng.idle:
+            break
+    done = {rid: max(s for (r, _), s in finished.items() if r == rid) for rid, _ in finished}
+    # "big" needs 3 rows while "first" holds 2 of 4: "small" takes a free row and is done
+    # before "big" starts, which then runs as it would alone.
+    assert first_token["small"] == 0 and done["small"] < first_token["big"]
+    assert done["first"] <= first_token["big"]  # its rows free up in the decode part
+    assert all(log.tokens[("big", j)] == ref.tokens[("big", j)] for j in range(3))
+
+
 def test_logprobs_and_stop_in_the_pipelined_step(loaded):
     eng = engine(loaded)
     log = drain(

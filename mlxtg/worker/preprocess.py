@@ -82,7 +82,13 @@ class Preprocessor:
                 else None
             ),
         )
-        return Request(request_id=msg.request_id, prompt=prompt, n=msg.n, payload=payload)
+        return Request(
+            request_id=msg.request_id,
+            prompt=prompt,
+            n=msg.n,
+            max_tokens=max_tokens,
+            payload=payload,
+        )
 
     def tokenize(self, msg: Generate) -> Accepted:
         """The answer to a tokenize_only GENERATE: the prompt exactly as a generation would

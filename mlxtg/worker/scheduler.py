@@ -7,8 +7,14 @@ A step decodes one token for every running sequence and, within a token budget, 
 waiting prompts. Prompts whose rest fits the budget are finished together as one batch
 (the budget counts the padded batch: rows x longest rest); a prompt too long for the
 budget gets one chunk of its own per step, so a long prompt arriving never stalls running
-streams for more than one chunk. Requests start in arrival order, and only when their `n`
-choices fit in the decode batch (`max_batch`).
+streams for more than one chunk.
+
+Admission is fair: a request starts only when its `n` choices fit in the decode batch
+(`max_batch`), but one that does not fit never blocks later ones that do, and the request
+asking for the least decode work (n x max_tokens) goes first, so a short request is not
+stuck behind a giant one. No request starves: one that later arrivals have overtaken
+`max_overtakes` times holds the line (nothing else starts until it has), and a prompt
+whose prefill has begun is finished first.
 """
 
 from __future__ import annotations
@@ -26,7 +32,10 @@ class Request:
     request_id: str
     prompt: list[int]
     n: int = 1
+    max_tokens: int = 1  # per choice: with `n`, the decode work it asks for
     num_computed: int = 0  # prompt tokens already in its KV cache (a cached prefix counts)
+    chunked: bool = False  # a chunk of its prompt was prefilled: it is finished first
+    overtaken: int = 0  # later arrivals that started before it
     cache: Any = None  # its own batch-1 KV cache while prefilling
     payload: Any = None  # everything else the engine needs (params, guide, parser...)
     prompt_scores: list[Any] = field(default_factory=list)  # scored chunks so far (echo)
@@ -34,6 +43,10 @@ class Request:
     @property
     def remaining(self) -> int:
         return len(self.prompt) - self.num_computed
+
+    @property
+    def work(self) -> int:
+        return self.n * self.max_tokens
 
 
 @dataclass(slots=True)
@@ -80,10 +93,14 @@ class Scheduler:
         chunk_tokens: int = 512,
         idle_chunk_tokens: int | None = None,
         padded: bool = True,
+        max_overtakes: int | None = None,
     ):
         if max_batch < 1 or max_queued < 1 or chunk_tokens < 1:
             raise ValueError("max_batch, max_queued and chunk_tokens must be positive")
         self.max_batch = max_batch
+        # How many later arrivals may start before a waiting request (default: a batch's
+        # worth); then it holds the line until the rows it needs are free.
+        self.max_overtakes = max_batch if max_overtakes is None else max_overtakes
         self.max_queued = max_queued
         self.chunk_tokens = chunk_tokens
         # With nothing running there are no streams to stall: prompts that arrived together
@@ -135,10 +152,12 @@ class Scheduler:
         budget = self.budget()
         free = self.max_batch - len(self.running)
         longest = 0
-        for req in self.waiting:
+        for req in self.order():
             # A request bigger than the whole batch still runs, alone.
             if req.n > free and (free < self.max_batch or plan.final):
-                break
+                if self.holds_line(req):
+                    break  # the rows that free up are its own
+                continue  # later, smaller requests may take the free rows
             rows = len(plan.final) + 1
             rest = max(longest, req.remaining) if self.padded else req.remaining
             cost = rows * rest if self.padded else sum(c.size for c in plan.final) + rest
@@ -150,7 +169,32 @@ class Scheduler:
                 end = req.num_computed + budget
                 plan.partial = PrefillChunk(req, req.num_computed, end)
             break
+        self._count_overtakes({id(c.request) for c in plan.prefill})
         return plan
+
+    def order(self) -> list[Request]:
+        """Waiting requests in the order they may start: prompts already being prefilled,
+        then those that hold the line (in arrival order), then the least work first."""
+
+        def rank(req: Request) -> tuple[int, int]:
+            if req.chunked:
+                return (0, 0)
+            if self.holds_line(req):
+                return (1, 0)
+            return (2, req.work)
+
+        return sorted(self.waiting, key=rank)  # stable: arrival order among equals
+
+    def holds_line(self, req: Request) -> bool:
+        return req.overtaken >= self.max_overtakes
+
+    def _count_overtakes(self, started: set[int]) -> None:
+        later = 0  # requests that arrived after this one and start now
+        for req in reversed(self.waiting):
+            if id(req) in started:
+                later += 1
+            else:
+                req.overtaken += later
 
     def budget(self) -> int:
         """Prompt tokens (padded) this step may prefill. Stalling running streams costs
@@ -165,6 +209,7 @@ class Scheduler:
     def complete(self, chunk: PrefillChunk) -> None:
         """Record a finished chunk; a request whose prompt is done leaves the queue."""
         chunk.request.num_computed = chunk.end
+        chunk.request.chunked = not chunk.is_last
         if chunk.is_last and chunk.request in self.waiting:
             self.waiting.remove(chunk.request)
 
