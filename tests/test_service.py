@@ -140,7 +140,7 @@ def test_render_systemd_unit() -> None:
     assert _one(settings, "Restart") == "on-failure"
     assert _one(settings, "RestartSec") == "5"
     assert _one(settings, "KillSignal") == "SIGTERM"
-    assert _one(settings, "TimeoutStopSec") == "30"
+    assert _one(settings, "TimeoutStopSec") == "45"  # the default 30 s drain + 15 s
     assert _one(settings, "WantedBy") == "default.target"
     assert ("Install", "WantedBy", "default.target") in settings
     # `%` is doubled everywhere (specifiers), `$` in the arguments (variables)
@@ -473,3 +473,23 @@ def test_status(cli, kind: str) -> None:
     assert "(installed)" in result.output
     assert "up --port 8080" in result.output
     assert ("active, active" if kind == "systemd" else "running") in result.output
+
+
+def test_the_stop_timeout_gives_the_drain_its_time() -> None:
+    from mlxtg.cli.service import stop_timeout
+
+    assert stop_timeout(30.0, []) == 45
+    assert stop_timeout(30.0, ["--max-batch", "8", "--drain-timeout", "120"]) == 135
+    assert stop_timeout(30.0, ["--drain-timeout=5"]) == 20
+    text = render_systemd_unit(
+        ["/usr/bin/mlxtg", "up"], environment={}, log_file=Path("/tmp/x.log"), stop_timeout_s=135
+    )
+    assert "TimeoutStopSec=135" in text
+    plist = render_launchd_plist(
+        ["/usr/bin/mlxtg", "up"],
+        environment={},
+        log_file=Path("/tmp/x.log"),
+        working_directory=Path("/tmp"),
+        stop_timeout_s=135,
+    )
+    assert "<key>ExitTimeOut</key>\n    <integer>135</integer>" in plist

@@ -15,6 +15,7 @@ $MLXTG_SERVICE_MANAGER (launchd|systemd) replaces the choice made from `sys.plat
 
 from __future__ import annotations
 
+import contextlib
 import os
 import plistlib
 import re
@@ -47,7 +48,7 @@ OWN_FLAGS = frozenset({"--config", "-c", "--model", "-m", "--host", "--port", "-
 _KEY_RE = re.compile(r"[A-Za-z0-9._~+/=-]+")  # RFC 6750 token68: every valid Bearer token
 _PLACEHOLDER_RE = re.compile(r"@([A-Z_]+)@")
 _MASK = "********"
-_TIMEOUT_S = 90  # stopping the old instance may take TimeoutStopSec/ExitTimeOut (30 s)
+_TIMEOUT_S = 90  # stopping the old instance may take TimeoutStopSec/ExitTimeOut (45 s)
 
 # The templates are package data (mlxtg/deploy, also reachable as deploy/ in a checkout).
 DEPLOY_DIR = Path(__file__).resolve().parent.parent / "deploy"
@@ -92,6 +93,7 @@ def render_systemd_unit(
     environment: Mapping[str, str],
     log_file: Path,
     env_file: Path | None = None,
+    stop_timeout_s: int = 45,
 ) -> str:
     """The systemd user unit running `argv` (absolute executable first)."""
     if not argv or not Path(argv[0]).is_absolute():
@@ -110,6 +112,7 @@ def render_systemd_unit(
             "EXEC_START": " ".join(systemd_quote(a, dollar=i > 0) for i, a in enumerate(argv)),
             "ENVIRONMENT": "\n".join(env_lines),
             "LOG_FILE": _systemd_path(log_file),
+            "STOP_TIMEOUT": str(int(stop_timeout_s)),
         },
     )
 
@@ -134,6 +137,7 @@ def render_launchd_plist(
     log_file: Path,
     working_directory: Path,
     api_keys: Sequence[str] = (),
+    stop_timeout_s: int = 45,
 ) -> str:
     """The launchd agent plist running `argv`; keys go into its EnvironmentVariables
     (so write it with mode 0600 when there are any)."""
@@ -153,6 +157,7 @@ def render_launchd_plist(
             ),
             "WORKING_DIRECTORY": _xml(str(working_directory)),
             "LOG_FILE": _xml(str(log_file)),
+            "STOP_TIMEOUT": str(int(stop_timeout_s)),
         },
     )
 
@@ -370,8 +375,23 @@ def _kind() -> str:
         raise _fail(str(exc), 2) from None
 
 
+def stop_timeout(drain_timeout: float, extra: Sequence[str]) -> int:
+    """How long the service manager waits after SIGTERM before SIGKILL: the drain
+    (`--drain-timeout` after `--` wins over the config's) plus time to stop the workers."""
+    for i, arg in enumerate(extra):
+        value = None
+        if arg == "--drain-timeout" and i + 1 < len(extra):
+            value = extra[i + 1]
+        elif arg.startswith("--drain-timeout="):
+            value = arg.partition("=")[2]
+        if value is not None:
+            with contextlib.suppress(ValueError):  # `mlxtg up` itself reports a bad value
+                drain_timeout = float(value)
+    return int(drain_timeout) + 15
+
+
 def _render_files(
-    kind: str, path: Path, argv: list[str], keys: Sequence[str]
+    kind: str, path: Path, argv: list[str], keys: Sequence[str], stop_timeout_s: int = 45
 ) -> list[tuple[Path, str, int]]:
     """(path, text, mode) of every file the service needs."""
     home = _home()
@@ -381,11 +401,22 @@ def _render_files(
     if kind == "launchd":
         env["PATH"] = default_path_env(argv[0])
         text = render_launchd_plist(
-            argv, environment=env, log_file=log_file, working_directory=home, api_keys=keys
+            argv,
+            environment=env,
+            log_file=log_file,
+            working_directory=home,
+            api_keys=keys,
+            stop_timeout_s=stop_timeout_s,
         )
         return [(path, text, 0o600 if keys else 0o644)]
     env_file = home / ENV_FILE_NAME if keys else None
-    unit = render_systemd_unit(argv, environment=env, log_file=log_file, env_file=env_file)
+    unit = render_systemd_unit(
+        argv,
+        environment=env,
+        log_file=log_file,
+        env_file=env_file,
+        stop_timeout_s=stop_timeout_s,
+    )
     files = [(path, unit, 0o644)]
     if env_file is not None:
         files.append((env_file, render_env_file(keys), 0o600))
@@ -438,7 +469,13 @@ def install(
     argv = mlxtg_command() + up_arguments(config, model, host, port, extra)
     path = service_file(kind)
     try:
-        files = _render_files(kind, path, argv, [_MASK] * len(keys) if dry_run else keys)
+        files = _render_files(
+            kind,
+            path,
+            argv,
+            [_MASK] * len(keys) if dry_run else keys,
+            stop_timeout(settings.drain_timeout, extra),
+        )
     except ValueError as exc:
         raise _fail(str(exc), 2) from None
     stale = _home() / ENV_FILE_NAME
