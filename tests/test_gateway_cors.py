@@ -18,7 +18,7 @@ PREFLIGHT = {
 
 def client(origins: list[str]) -> httpx.AsyncClient:
     app = create_app(GatewaySettings(supervisor_endpoint="ipc:///tmp/none", cors_origins=origins))
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:5001")
 
 
 @pytest.mark.parametrize("origins", [[UI], ["*"]])

@@ -24,6 +24,7 @@ from ..worker.params import SamplingParams
 from . import format as fmt
 from .deps import Client, Metrics
 from .errors import APIError, BadRequest, Unauthorized
+from .guards import check_request_size
 from .run import Run
 from .schemas import NullMeansDefault
 from .streaming import KEEPALIVE_S, collect, open_stream, with_keepalive
@@ -213,6 +214,7 @@ def _generate(body: MessagesRequest, rid: str, max_tokens: int | None = None) ->
 async def messages(
     body: MessagesRequest, request: Request, client: Client, metrics: Metrics
 ) -> Any:
+    await check_request_size(request, body.model, 1, "messages", body.max_tokens, "max_tokens")
     rid = f"msg_{uuid.uuid4().hex[:24]}"
     run = Run(client, [_generate(body, rid)], 1)
     if body.stream:

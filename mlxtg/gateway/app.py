@@ -16,6 +16,7 @@ from .anthropic_routes import router as anthropic_router
 from .client import SupervisorClient
 from .deps import Client, Metrics, require_key
 from .errors import BadRequest, NotFound, Unavailable, install_handlers
+from .guards import Guards, require_json
 from .metrics import GatewayMetrics
 from .openai_routes import router as openai_router
 from .responses_routes import router as responses_router
@@ -36,10 +37,21 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         finally:
             await client.close()
 
-    app = FastAPI(title="mlxtg", version=__version__, lifespan=lifespan)
+    # /docs, /redoc and /openapi.json are served by openapi.install, behind the key.
+    app = FastAPI(
+        title="mlxtg",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     app.state.settings = settings
     app.state.metrics = GatewayMetrics()
+    app.state.context_lengths = {}  # model name -> context length, see guards.py
     install_handlers(app)
+    # Host check and body limit; inside CORS, so preflights of allowed origins still work.
+    app.add_middleware(Guards, settings=settings)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -54,7 +66,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(openai_router, dependencies=[Depends(require_key)])
     app.include_router(responses_router, dependencies=[Depends(require_key)])
     app.include_router(tokenize_router, dependencies=[Depends(require_key)])
-    openapi.install(app)
+    openapi.install(app, dependencies=[Depends(require_key)])
     app.include_router(anthropic_router)  # its own auth: x-api-key or Bearer
     app.include_router(_admin_router(), dependencies=[Depends(require_key)])
 
@@ -116,11 +128,11 @@ def _admin_router() -> Any:
         data["gateway"] = {"pid": os.getpid()}
         return data
 
-    @router.post("/admin/evict")
+    @router.post("/admin/evict", dependencies=[Depends(require_json)])
     async def admin_evict(client: Client, body: dict[str, Any] | None = None) -> dict[str, Any]:
         return _reply(await client.control("evict", {"model": (body or {}).get("model")}))
 
-    @router.post("/admin/load")
+    @router.post("/admin/load", dependencies=[Depends(require_json)])
     async def admin_load(client: Client, body: dict[str, Any]) -> dict[str, Any]:
         if not body.get("model"):
             raise BadRequest("model is required", param="model")
@@ -130,7 +142,7 @@ def _admin_router() -> Any:
     async def admin_cache(client: Client) -> dict[str, Any]:
         return _reply(await client.control("cache_stats"))
 
-    @router.post("/admin/cache/clear")
+    @router.post("/admin/cache/clear", dependencies=[Depends(require_json)])
     async def admin_cache_clear(
         client: Client, body: dict[str, Any] | None = None
     ) -> dict[str, Any]:

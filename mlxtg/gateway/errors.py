@@ -4,7 +4,10 @@ APIError
 ├── BadRequest            400  invalid_request_error
 │   └── ContextOverflow   400  context_length_exceeded
 ├── Unauthorized          401  authentication_error
+├── Forbidden             403  permission_error (a Host the server does not answer to)
 ├── NotFound              404  model_not_found / not_found
+├── PayloadTooLarge       413  invalid_request_error, code request_too_large
+├── UnsupportedMediaType  415  invalid_request_error, code unsupported_media_type
 ├── RateLimited           429  rate_limit_error (+ Retry-After)
 ├── Unavailable           503  server_error (+ Retry-After)
 └── InternalError         500  server_error (a bug: logged with its traceback)
@@ -26,6 +29,7 @@ log = logging.getLogger("mlxtg.gateway")
 class APIError(Exception):
     status = 500
     type = "server_error"
+    default_code: str | None = None
 
     def __init__(
         self,
@@ -37,7 +41,7 @@ class APIError(Exception):
         super().__init__(message)
         self.message = message
         self.param = param
-        self.code = code
+        self.code = code if code is not None else self.default_code
         self.retry_after = retry_after
 
     def body(self) -> dict[str, Any]:
@@ -58,9 +62,26 @@ class Unauthorized(APIError):
     type = "authentication_error"
 
 
+class Forbidden(APIError):
+    status = 403
+    type = "permission_error"
+
+
 class NotFound(APIError):
     status = 404
     type = "invalid_request_error"
+
+
+class PayloadTooLarge(APIError):
+    status = 413
+    type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
+class UnsupportedMediaType(APIError):
+    status = 415
+    type = "invalid_request_error"
+    default_code = "unsupported_media_type"
 
 
 class RateLimited(APIError):
@@ -81,7 +102,10 @@ class InternalError(APIError):
 _BY_STATUS: dict[int, type[APIError]] = {
     400: BadRequest,
     401: Unauthorized,
+    403: Forbidden,
     404: NotFound,
+    413: PayloadTooLarge,
+    415: UnsupportedMediaType,
     429: RateLimited,
     503: Unavailable,
     500: InternalError,
@@ -108,11 +132,12 @@ def error_body(
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def _response(exc: APIError, request: Request | None = None) -> JSONResponse:
+def error_response(exc: APIError, path: str) -> JSONResponse:
+    """The error in the shape of the API that owns `path` (for code outside the handlers)."""
     headers = {}
     if exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
-    if request is not None and request.url.path.startswith("/v1/messages"):
+    if path.startswith("/v1/messages"):
         # Anthropic clients parse {"type": "error", "error": {...}} on their routes.
         from .anthropic_routes import anthropic_error_response
 
@@ -120,6 +145,10 @@ def _response(exc: APIError, request: Request | None = None) -> JSONResponse:
     if exc.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+def _response(exc: APIError, request: Request) -> JSONResponse:
+    return error_response(exc, request.url.path)
 
 
 def install_handlers(app: FastAPI) -> None:

@@ -20,6 +20,7 @@ from ..protocol import Delta, Generate
 from . import format as fmt
 from .deps import Client, Metrics, Settings
 from .errors import APIError, BadRequest
+from .guards import check_request_size
 from .run import Run
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .streaming import KEEPALIVE_S, collect, open_stream, with_keepalive
@@ -48,6 +49,9 @@ async def chat_completions(
     settings: Settings,
     metrics: Metrics,
 ) -> Any:
+    limit_field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+    limit = body.max_completion_tokens or body.max_tokens
+    await check_request_size(request, body.model, body.n, "n", limit, limit_field)
     try:
         messages = [m.for_template() for m in body.messages]
     except ValueError as exc:
@@ -79,11 +83,20 @@ async def completions(
 ) -> Any:
     if body.suffix:
         raise BadRequest("suffix is not supported", param="suffix")
+    prompts = body.prompts()
+    await check_request_size(
+        request,
+        body.model,
+        len(prompts) * body.n,
+        "n" if body.n > 1 else "prompt",
+        body.max_tokens,
+        "max_tokens",
+    )
     rid = f"cmpl-{uuid.uuid4().hex[:24]}"
     params = body.params().to_wire()
     guided = _guided(body)
     gens = []
-    for p, prompt in enumerate(body.prompts()):
+    for p, prompt in enumerate(prompts):
         gens.append(
             Generate(
                 request_id=f"{rid}-{p}",
@@ -98,7 +111,7 @@ async def completions(
             )
         )
     run = Run(client, gens, body.n)
-    echoes = _Echoes(run, gens, body.prompts()) if body.echo else None
+    echoes = _Echoes(run, gens, prompts) if body.echo else None
     if body.stream:
         return await _stream(
             request, run, body.model, rid, body.include_usage, metrics, chat=False, echoes=echoes

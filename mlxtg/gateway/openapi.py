@@ -4,15 +4,20 @@ FastAPI documents every body route as answering 422 `HTTPValidationError`, which
 here ever sends: validation errors are 400s in OpenAI's shape (Anthropic's on
 `/v1/messages`). This rewrites the generated document once: errors by status in the right
 shape, 200 bodies for the main endpoints, SSE where a route streams, and `/metrics` as
-text. Schemathesis (`make conformance`) and client generators read it.
+text. Schemathesis (`make conformance`) and client generators read it. The document and the
+pages that show it (`/docs`, `/redoc`) take the API key when keys are configured.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
+from fastapi.params import Depends
+from fastapi.responses import HTMLResponse, JSONResponse
 
 _OPENAI_ERROR = {
     "type": "object",
@@ -93,18 +98,23 @@ _STREAMS = {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/mes
 _STATUS_TEXT = {
     400: "Invalid request (validation, context overflow, a constraint that cannot be enforced)",
     401: "Missing or wrong API key",
+    403: "Host header not allowed (the DNS-rebinding guard, while listening on loopback)",
     404: "Unknown model, stored response or endpoint",
+    413: "Request body over the server's limit (--max-body-mb)",
+    415: "Content-Type is not application/json",
     429: "Queue full; retry after Retry-After seconds",
     503: "Not ready, draining, or the worker failed; retry",
 }
 
 
-def _errors(path: str) -> dict[str, Any]:
+def _errors(method: str, path: str) -> dict[str, Any]:
     schema = _ANTHROPIC_ERROR if path.startswith("/v1/messages") else _OPENAI_ERROR
     body = {"content": {"application/json": {"schema": schema}}}
     generates = path.startswith(("/v1/", "/tokenize", "/detokenize"))
-    wanted = (400, 401, 404, 429, 503) if generates else (400, 401)
-    return {str(code): {"description": _STATUS_TEXT[code], **body} for code in wanted}
+    wanted = [400, 401, 403, 404, 429, 503] if generates else [400, 401, 403]
+    if method == "post":
+        wanted += [413, 415] if path.startswith("/admin/") else [413]
+    return {str(code): {"description": _STATUS_TEXT[code], **body} for code in sorted(wanted)}
 
 
 def build(app: FastAPI) -> dict[str, Any]:
@@ -114,7 +124,7 @@ def build(app: FastAPI) -> dict[str, Any]:
             responses = op.setdefault("responses", {})
             responses.pop("422", None)
             if path.startswith(("/v1/", "/admin/", "/tokenize", "/detokenize")):
-                responses.update(_errors(path))
+                responses.update(_errors(method, path))
             ok = responses.setdefault("200", {"description": "OK"})
             if (schema := _OK.get((method, path))) is not None:
                 ok["content"] = {"application/json": {"schema": schema}}
@@ -132,8 +142,9 @@ def build(app: FastAPI) -> dict[str, Any]:
     return doc
 
 
-def install(app: FastAPI) -> None:
-    """Serve the corrected document (built once, on first request)."""
+def install(app: FastAPI, dependencies: Sequence[Depends]) -> None:
+    """Serve the corrected document (built once, on first request) and its pages, behind
+    `dependencies` (the API key). The app is created with FastAPI's own routes off."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -141,3 +152,15 @@ def install(app: FastAPI) -> None:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=dependencies)
+    async def openapi_json() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=dependencies)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
+
+    @app.get("/redoc", include_in_schema=False, dependencies=dependencies)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")

@@ -24,6 +24,7 @@ from ..worker.params import SamplingParams
 from . import format as fmt
 from .deps import Client, Metrics
 from .errors import APIError, BadRequest, NotFound
+from .guards import check_request_size
 from .response_store import ResponseStore
 from .run import Run
 from .schemas import NullMeansDefault
@@ -170,6 +171,9 @@ def _guided(body: ResponsesRequest) -> dict[str, Any] | None:
 
 @router.post("/responses")
 async def create(body: ResponsesRequest, request: Request, client: Client, metrics: Metrics) -> Any:
+    await check_request_size(
+        request, body.model, 1, "input", body.max_output_tokens, "max_output_tokens"
+    )
     rid = f"resp_{uuid.uuid4().hex[:24]}"
     history: list[dict[str, Any]] = []
     session = body.prompt_cache_key or body.user or rid
