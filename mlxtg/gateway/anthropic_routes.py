@@ -353,7 +353,7 @@ async def _stream(run: Run, model: str, rid: str, metrics: Any) -> StreamingResp
     accepted, headers = await open_stream(run)
 
     async def body() -> AsyncIterator[bytes]:
-        output_tokens, status = 0, "200"
+        output_tokens, status = 0, "aborted"  # until message_stop is sent
         try:
             if not accepted:  # the model is loading: keep the connection alive meanwhile
                 accept_task = asyncio.ensure_future(run.accept())
@@ -395,6 +395,7 @@ async def _stream(run: Run, model: str, rid: str, metrics: Any) -> StreamingResp
                 },
             )
             yield _event("message_stop", {})
+            status = "200"
         except APIError as exc:
             status = str(exc.status)
             yield _event("error", {"error": anthropic_error(exc)})

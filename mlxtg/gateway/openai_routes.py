@@ -189,7 +189,7 @@ async def _stream(
 
     async def body() -> AsyncIterator[bytes]:
         completion_tokens = 0
-        status = "200"
+        status = "aborted"  # until the last event is sent: a client that leaves aborts
         try:
             if not accepted:  # the model is loading: keep the connection alive meanwhile
                 accept_task = asyncio.ensure_future(run.accept())
@@ -227,6 +227,7 @@ async def _stream(
                     }
                 )
             yield fmt.SSE_DONE
+            status = "200"
         except APIError as exc:
             status = str(exc.status)
             yield fmt.sse(exc.body())

@@ -363,7 +363,7 @@ async def _stream(
     _, headers = await open_stream(run)
 
     async def body() -> AsyncIterator[bytes]:
-        ev, acc, status = _Events(), fmt.ChoiceAccumulator(0), "200"
+        ev, acc, status = _Events(), fmt.ChoiceAccumulator(0), "aborted"  # until done is sent
         text_index: int | None = None  # output index of the message item, once open
         calls: dict[int, int] = {}  # tool call index -> output index
         next_index = 0
@@ -454,6 +454,7 @@ async def _stream(
                 "response.incomplete" if final["status"] == "incomplete" else "response.completed"
             )
             yield ev(done, response=final)
+            status = "200"
         except APIError as exc:
             status = str(exc.status)
             yield ev("error", code=exc.code, message=exc.message, param=exc.param)
