@@ -1,16 +1,25 @@
-"""HTTP client the operator commands use to reach a running server."""
+"""HTTP client the operator commands use to reach a running server.
+
+`get` and `post` end the command with one `error: ...` line and exit code 1 when the server
+cannot be reached or answers with an error (a stopped server is not a traceback).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import httpx
+import typer
 
 from .. import paths
 
 
-class ServerNotFound(RuntimeError):
-    pass
+class ServerError(RuntimeError):
+    """The server could not be reached, or answered with an error."""
+
+
+class ServerNotFound(ServerError):
+    """No server to talk to: none recorded under $MLXTG_HOME, or nothing answers."""
 
 
 class ServerClient:
@@ -32,24 +41,34 @@ class ServerClient:
             )
         return cls(str(info["url"]), api_key)
 
-    def _call(self, method: str, path: str, json: Any = None) -> dict[str, Any]:
+    def call(self, method: str, path: str, json: Any = None) -> dict[str, Any]:
+        """One request; raises ServerError (ServerNotFound when nothing answers)."""
         try:
             r = httpx.request(
                 method, self.url + path, json=json, headers=self.headers, timeout=30.0
             )
         except httpx.HTTPError as exc:
-            raise ServerNotFound(f"cannot reach {self.url}: {exc}") from exc
+            raise ServerNotFound(
+                f"cannot reach {self.url} ({exc}); is `mlxtg up` running?"
+            ) from exc
         if r.status_code >= 400:
             try:
                 message = r.json()["error"]["message"]
             except (ValueError, KeyError, TypeError):
                 message = r.text
-            raise ServerNotFound(f"{self.url}{path}: HTTP {r.status_code}: {message}")
+            raise ServerError(f"{self.url}{path}: HTTP {r.status_code}: {message}")
         data: dict[str, Any] = r.json()
         return data
 
     def get(self, path: str) -> dict[str, Any]:
-        return self._call("GET", path)
+        return self._or_exit("GET", path)
 
     def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        return self._call("POST", path, body)
+        return self._or_exit("POST", path, body)
+
+    def _or_exit(self, method: str, path: str, json: Any = None) -> dict[str, Any]:
+        try:
+            return self.call(method, path, json)
+        except ServerError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
