@@ -215,7 +215,6 @@ CAPS = {"max_request_sequences": 4, "max_request_tokens": 100}
             {"messages": HELLO, "n": 2, "max_completion_tokens": 51},
             "max_completion_tokens",
         ),
-        ("/v1/chat/completions", {"messages": HELLO, "n": 2}, "max_tokens"),  # 2 x 64 context
         ("/v1/completions", {"prompt": ["a", "b"], "max_tokens": 51}, "max_tokens"),
         ("/v1/responses", {"input": "hi", "max_output_tokens": 101}, "max_output_tokens"),
     ],
@@ -240,7 +239,7 @@ async def test_messages_cap_is_an_anthropic_error():
     ("path", "body"),
     [
         ("/v1/chat/completions", {"messages": HELLO, "n": 4, "max_tokens": 25}),
-        ("/v1/chat/completions", {"messages": HELLO}),  # 1 x 64 context
+        ("/v1/chat/completions", {"messages": HELLO, "n": 4}),  # no max_tokens: no token cap
         ("/v1/completions", {"prompt": ["a", "b"], "n": 2}),  # default max_tokens 16
         ("/v1/responses", {"input": "hi"}),
         ("/v1/messages", {"messages": HELLO, "max_tokens": 100}),
@@ -250,14 +249,3 @@ async def test_requests_within_the_caps_pass(path, body):
     async with client(**CAPS) as c:
         r = await c.post(path, json={"model": "m", **body})
         assert r.status_code == 503, r.text
-
-
-async def test_without_max_tokens_the_context_length_counts_once_known():
-    stub = StubSupervisor(context_length=None)
-    async with client(stub=stub, **CAPS) as c:
-        body = {"model": "m", "messages": HELLO, "n": 4}
-        assert (await c.post("/v1/chat/completions", json=body)).status_code == 503  # unknown
-        stub.model["context_length"] = 64
-        openai_error(await c.post("/v1/chat/completions", json=body), 400)
-        openai_error(await c.post("/v1/chat/completions", json=body), 400)
-        assert [op for op, _ in stub.calls] == ["status", "status"]  # then remembered

@@ -48,7 +48,6 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = GatewayMetrics()
-    app.state.context_lengths = {}  # model name -> context length, see guards.py
     install_handlers(app)
     # Host check and body limit; inside CORS, so preflights of allowed origins still work.
     app.add_middleware(Guards, settings=settings)

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
 
 from fastapi import Request
 from starlette.datastructures import Headers
@@ -161,9 +160,10 @@ async def check_request_size(
     tokens_param: str,
 ) -> None:
     """400 when one request asks for more than `max_request_sequences` sequences, or more
-    than `max_request_tokens` tokens over all of them. Without a max tokens field, each
-    sequence counts as the model's context length, the most it may generate (a known
-    length only: an unknown model is left to the worker's 404)."""
+    than `max_request_tokens` tokens over all of them. A request without a max tokens field
+    is held only to the sequence cap: most clients leave it out, and counting each sequence
+    as a long context would refuse ordinary requests (fair admission in the worker keeps
+    such a request from holding the batch)."""
     settings: GatewaySettings = request.app.state.settings
     if sequences > settings.max_request_sequences:
         raise BadRequest(
@@ -172,44 +172,15 @@ async def check_request_size(
             param=sequences_param,
             code="too_many_sequences",
         )
-    per_sequence = max_tokens if max_tokens is not None else await _context_length(request, model)
-    if per_sequence is None:
-        return
-    total = sequences * per_sequence
-    limit = settings.max_request_tokens
-    if total <= limit:
-        return
     if max_tokens is None:
-        why = (
-            f"{tokens_param} is not set, so each of its {sequences} sequences may run to the "
-            f"context length ({per_sequence} tokens)"
+        return
+    total = sequences * max_tokens
+    limit = settings.max_request_tokens
+    if total > limit:
+        raise BadRequest(
+            f"This request may generate {total} tokens ({sequences} sequences x "
+            f"{tokens_param} {max_tokens}); this server allows {limit} per request "
+            f"(max_request_tokens): set {tokens_param} to at most {limit // sequences}.",
+            param=tokens_param,
+            code="too_many_tokens",
         )
-    else:
-        why = f"{sequences} sequences x {tokens_param} {max_tokens}"
-    raise BadRequest(
-        f"This request may generate {total} tokens ({why}); this server allows {limit} per "
-        f"request (max_request_tokens): set {tokens_param} to at most {limit // sequences}.",
-        param=tokens_param,
-        code="too_many_tokens",
-    )
-
-
-async def _context_length(request: Request, model: str) -> int | None:
-    """The model's context length from the supervisor's status; remembered once the
-    worker has reported its own (a loaded model's figure does not change)."""
-    known: dict[str, int] = request.app.state.context_lengths
-    if model in known:
-        return known[model]
-    try:
-        status: dict[str, Any] = (
-            await request.app.state.client.control("status", timeout=2.0)
-        ).data
-    except APIError:
-        return None
-    for entry in status.get("models", []):
-        length = entry.get("context_length")
-        if entry.get("name") == model and isinstance(length, int):
-            if entry.get("state") == "loaded":
-                known[model] = length
-            return length
-    return None
