@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
 import socket
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,6 +21,8 @@ from .client import ServerClient, ServerNotFound
 from .options import ConfigOpt, HostOpt, ModelOpt
 from .options import PortOpt as ListenPortOpt
 from .service import service_app
+
+log = logging.getLogger("mlxtg")
 
 app = typer.Typer(
     add_completion=False,
@@ -183,8 +188,17 @@ def _serve(settings: Any) -> int:
         {"pid": os.getpid(), "gateway_pid": gateway.pid, "url": url, "home": str(paths.home())}
     )
 
+    drain = _Drain(settings.drain_timeout)
+
     def _stop(signum: int, _frame: Any) -> None:
-        sup.stopping = True
+        if drain.started_at is None:
+            # First signal: the gateway drains (503 for new requests, in-flight ones
+            # finish up to drain_timeout) and exits; workers stop after it.
+            drain.start(sup.counters["worker_restarts"])
+            with contextlib.suppress(ProcessLookupError):
+                gateway.send_signal(signal.SIGTERM)
+        else:  # a second signal: stop now
+            sup.stopping = True
 
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
@@ -197,7 +211,14 @@ def _serve(settings: Any) -> int:
         while not sup.stopping:
             sup.step()
             if gateway.poll() is not None:
-                typer.echo(f"error: the gateway exited (code {gateway.returncode})", err=True)
+                if drain.started_at is None:
+                    typer.echo(f"error: the gateway exited (code {gateway.returncode})", err=True)
+                    code = 1
+                else:
+                    code = drain.exit_code(gateway.returncode, sup.counters["worker_restarts"])
+                break
+            if drain.overdue():
+                typer.echo("error: the gateway did not finish draining in time", err=True)
                 code = 1
                 break
     finally:
@@ -205,6 +226,33 @@ def _serve(settings: Any) -> int:
         sup.close()
         paths.server_file().unlink(missing_ok=True)
     return code or sup.exit_code
+
+
+@dataclass(slots=True)
+class _Drain:
+    """The supervisor's view of a graceful stop: exit 0 only when the gateway cut no
+    request and no worker died while it drained."""
+
+    timeout: float
+    started_at: float | None = None
+    restarts_at_start: int = 0
+
+    def start(self, restarts: int) -> None:
+        self.started_at = time.monotonic()
+        self.restarts_at_start = restarts
+
+    def overdue(self) -> bool:
+        # The gateway exits by itself after drain_timeout; this only guards a stuck one.
+        return self.started_at is not None and time.monotonic() > self.started_at + self.timeout + 15
+
+    def exit_code(self, gateway_code: int, restarts: int) -> int:
+        if gateway_code != 0:
+            log.warning("shutdown cut requests in flight (gateway exit code %s)", gateway_code)
+            return 1
+        if restarts != self.restarts_at_start:
+            log.warning("a worker died while the server drained")
+            return 1
+        return 0
 
 
 def _alive(pid: Any) -> bool:

@@ -15,6 +15,7 @@ from . import openapi
 from .anthropic_routes import router as anthropic_router
 from .client import SupervisorClient
 from .deps import Client, Metrics, require_key
+from .drain import Drain, refuse_while_draining
 from .errors import BadRequest, NotFound, Unavailable, install_handlers
 from .guards import Guards, require_json
 from .metrics import GatewayMetrics
@@ -48,6 +49,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = GatewayMetrics()
+    app.state.drain = Drain(settings.drain_timeout)  # SIGTERM starts it (see __main__)
     install_handlers(app)
     # Host check and body limit; inside CORS, so preflights of allowed origins still work.
     app.add_middleware(Guards, settings=settings)
@@ -62,11 +64,13 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             allow_headers=["*"],
             expose_headers=["x-mlxtg-cache"],
         )
-    app.include_router(openai_router, dependencies=[Depends(require_key)])
-    app.include_router(responses_router, dependencies=[Depends(require_key)])
-    app.include_router(tokenize_router, dependencies=[Depends(require_key)])
+    accepting = Depends(refuse_while_draining)
+    app.include_router(openai_router, dependencies=[accepting, Depends(require_key)])
+    app.include_router(responses_router, dependencies=[accepting, Depends(require_key)])
+    app.include_router(tokenize_router, dependencies=[accepting, Depends(require_key)])
     openapi.install(app, dependencies=[Depends(require_key)])
-    app.include_router(anthropic_router)  # its own auth: x-api-key or Bearer
+    # Its own auth: x-api-key or Bearer.
+    app.include_router(anthropic_router, dependencies=[accepting])
     app.include_router(_admin_router(), dependencies=[Depends(require_key)])
 
     @app.get("/health")
@@ -76,7 +80,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.get("/ready")
     async def ready(client: Client) -> JSONResponse:
-        """Readiness: the supervisor answers and some model is loaded."""
+        """Readiness: not draining, the supervisor answers and some model is loaded."""
+        if app.state.drain.active:
+            return JSONResponse({"status": "draining"}, status_code=503)
         try:
             status = (await client.control("status", timeout=2.0)).data
         except Unavailable as exc:

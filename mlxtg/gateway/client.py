@@ -34,6 +34,8 @@ from .errors import BadRequest, Unavailable
 
 log = logging.getLogger("mlxtg.gateway")
 
+_CONTROL_PREFIX = "ctl-"  # request ids of control messages share the queue table
+
 
 class InFlight:
     """One request's incoming messages; `done` once it ended (no ABORT needed)."""
@@ -68,6 +70,32 @@ class SupervisorClient:
         if self._sock is not None:
             self._sock.close()
         self._ctx.term()
+
+    @property
+    def generating(self) -> int:
+        """Generation requests in flight (control requests excluded)."""
+        return sum(1 for rid in self._queues if not rid.startswith(_CONTROL_PREFIX))
+
+    async def cut_all(self, message: str) -> int:
+        """End every generation in flight: ABORT it in the worker and hand its handler an
+        error (streams send an error event, then [DONE]). Returns how many were cut."""
+        cut = [rid for rid in self._queues if not rid.startswith(_CONTROL_PREFIX)]
+        for rid in cut:
+            with contextlib.suppress(Exception):
+                await self._send(Abort(request_id=rid))
+            q = self._queues.get(rid)
+            if q is not None:
+                q.put_nowait(
+                    Error(
+                        request_id=rid,
+                        status=503,
+                        message=message,
+                        type="server_error",
+                        code="shutting_down",
+                        retry_after=5.0,
+                    )
+                )
+        return len(cut)
 
     async def _read_loop(self) -> None:
         assert self._sock is not None
@@ -123,7 +151,7 @@ class SupervisorClient:
     async def control(
         self, op: str, args: dict[str, Any] | None = None, timeout: float = 5.0
     ) -> ControlReply:
-        rid = f"ctl-{uuid.uuid4().hex}"
+        rid = f"{_CONTROL_PREFIX}{uuid.uuid4().hex}"
         q: asyncio.Queue[Message] = asyncio.Queue()
         self._queues[rid] = q
         try:
