@@ -1,35 +1,30 @@
-"""The supervisor: routes requests from the gateway to the worker of their model, spawns,
-evicts and watches workers, and answers operator control messages.
+"""The supervisor: the process between the gateway and the workers.
 
-Two ROUTER sockets: one the gateway connects to, one the workers connect to. A request
-for a model that is not resident waits (bounded) while its worker loads; the least
-recently used idle worker is evicted first when `max_resident_models` is reached. A busy
-worker is never evicted under a running request.
+Two ROUTER sockets: one the gateway connects to, one the workers connect to. The
+supervisor is the mechanism around three pieces of state with one owner each:
+- `Router` (router.py): where each request's messages go, and the requests waiting for a
+  model to load;
+- `WorkerPool` (pool.py): the worker processes, stopped without blocking this loop;
+- the residency policy (residency.py): a pure `plan(state, event) -> actions` that decides
+  what to spawn and evict; this class takes the snapshot and executes the actions.
+It also watches workers (watchdog.py), answers operator control messages and reports status.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
-import uuid
-from collections import deque
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import zmq
 
-from .. import __version__, paths
-from ..kv_files import clear_caches, list_caches
+from .. import paths
 from ..protocol import (
     Abort,
     Accepted,
-    Config,
     Control,
-    ControlOp,
     ControlReply,
     Error,
     Generate,
@@ -42,17 +37,27 @@ from ..protocol import (
     decode,
     encode,
 )
-from ..worker.settings import EngineSettings
+from . import control
 from .config import ServerSettings
-from .processes import (
-    Spare,
-    WorkerHandle,
-    WorkerState,
-    spawn_spare,
-    spawn_worker,
-    stop_process,
-    weights_bytes,
+from .control import ModelCards
+from .pool import WorkerPool
+from .processes import WorkerHandle, WorkerState, rss_bytes, weights_bytes, worker_config
+from .residency import (
+    Action,
+    Drain,
+    Event,
+    Evict,
+    Limits,
+    Need,
+    Residency,
+    Spawn,
+    SpawnSpare,
+    Tick,
+    UseSpare,
+    WorkerView,
+    plan,
 )
+from .router import Router
 from .watchdog import hung_reason
 
 log = logging.getLogger("mlxtg.supervisor")
@@ -60,14 +65,11 @@ log = logging.getLogger("mlxtg.supervisor")
 CRASH_LIMIT, CRASH_WINDOW_S = 3, 120.0  # this many unexpected worker exits in this window: give up
 
 
-@dataclass(slots=True)
-class Route:
-    gateway: bytes
-    model: str
-    choices_left: int
-
-
 class Supervisor:
+    """Routes requests to the worker of their model, keeps the right models resident,
+    watches the workers and answers control messages. The CLI calls `step` until
+    `stopping`, then `close`."""
+
     def __init__(self, settings: ServerSettings):
         self.settings = settings
         self.ctx = zmq.Context()
@@ -79,20 +81,26 @@ class Supervisor:
         self.back = self.ctx.socket(zmq.ROUTER)
         self.back.setsockopt(zmq.LINGER, 0)
         self.back.bind(self.worker_endpoint)
-        self.workers: dict[str, WorkerHandle] = {}  # by worker id
-        self.routes: dict[str, Route] = {}
-        self.pending: dict[str, deque[tuple[bytes, Generate, float]]] = {}
+        self.pool = WorkerPool(self.worker_endpoint, settings.fast_blas)
+        self.router = Router(settings.max_queued)
+        # Models to load with no request waiting: an operator's LOAD, a serving worker that died.
+        self.wanted: dict[str, None] = {}
+        budget = settings.memory_budget_gb
+        self.limits = Limits(
+            max_resident=settings.max_resident_models,
+            memory_budget=int(budget * (1 << 30)) if budget else None,
+            standby=(
+                settings.standby_worker
+                if settings.standby_worker is not None
+                else len(settings.models) > 1
+            ),
+        )
+        self._weights: dict[str, int] = {}  # per model, measured once
         self.started = time.time()
-        self._cards: dict[str, dict[str, Any]] = {}  # per model name, see _model_card
+        self.cards = ModelCards(self.started)
         self.stopping = False
         self.exit_code = 0
-        self.spare: Spare | None = None
         self._crashes: dict[str, list[float]] = {}
-        self.use_spare = (
-            settings.standby_worker
-            if settings.standby_worker is not None
-            else len(settings.models) > 1
-        )
         self.counters = {
             "model_loads": 0,
             "evictions": 0,
@@ -120,11 +128,7 @@ class Supervisor:
         self._housekeeping()
 
     def close(self) -> None:
-        for handle in list(self.workers.values()):
-            stop_process(handle.proc)
-        if self.spare is not None:
-            stop_process(self.spare.proc)
-        self.workers.clear()
+        self.pool.close()
         self.front.close()
         self.back.close()
         self.ctx.term()
@@ -132,14 +136,21 @@ class Supervisor:
             with contextlib.suppress(OSError):
                 os.unlink(endpoint.removeprefix("ipc://"))
 
+    def status(self) -> dict[str, Any]:
+        """What `mlxtg status` shows (control.status)."""
+        return control.status(self)
+
     def warm_up(self) -> None:
         """Load the first configured model at start-up, so the first request is fast."""
-        self._ensure_loading(self.settings.models[0].name)
+        self.want(self.settings.models[0].name)
 
     # --- gateway side --------------------------------------------------------------------------
 
     def _send_gateway(self, gateway: bytes, msg: Message) -> None:
         self.front.send_multipart([gateway, *encode(msg)])
+
+    def send_worker(self, handle: WorkerHandle, msg: Message) -> None:
+        self.back.send_multipart([handle.worker_id.encode(), *encode(msg)])
 
     def _from_gateway(self, gateway: bytes, frames: list[bytes]) -> None:
         try:
@@ -153,7 +164,7 @@ class Supervisor:
             self._abort(msg)
         elif isinstance(msg, Control):
             try:
-                reply = self._control(msg)
+                reply = control.answer(self, msg)
             except Exception as exc:  # an operator action must never take the server down
                 log.exception("control %s failed", msg.op)
                 reply = ControlReply(
@@ -176,12 +187,12 @@ class Supervisor:
                 ),
             )
             return
-        handle = self._worker_for(spec.name)
+        handle = self.pool.find(spec.name)
         if handle is not None and handle.state == WorkerState.READY:
             self._dispatch(handle, gateway, msg)
-            return
-        queue = self.pending.setdefault(spec.name, deque())
-        if len(queue) >= self.settings.max_queued:
+        elif self.router.enqueue(spec.name, gateway, msg, time.monotonic()):
+            self.decide(Need(spec.name))
+        else:
             self._send_gateway(
                 gateway,
                 Error(
@@ -193,45 +204,32 @@ class Supervisor:
                     retry_after=2.0,
                 ),
             )
-            return
-        queue.append((gateway, msg, time.monotonic()))
-        self._ensure_loading(spec.name)
 
     def _dispatch(self, handle: WorkerHandle, gateway: bytes, msg: Generate) -> None:
-        self.routes[msg.request_id] = Route(gateway, handle.name, msg.n)
-        handle.inflight.add(msg.request_id)
+        self.router.add(gateway, handle.worker_id, msg)
         handle.last_used = time.monotonic()
-        self.back.send_multipart([handle.worker_id.encode(), *encode(msg)])
+        self.send_worker(handle, msg)
 
     def _abort(self, msg: Abort) -> None:
-        route = self.routes.get(msg.request_id)
-        if route is not None:
-            handle = self._worker_for(route.model)
-            if handle is not None:
-                self.back.send_multipart([handle.worker_id.encode(), *encode(msg)])
-            return
-        for queue in self.pending.values():
-            for item in list(queue):
-                if item[1].request_id == msg.request_id:
-                    queue.remove(item)
+        route = self.router.get(msg.request_id)
+        if route is None:
+            self.router.cancel(msg.request_id)  # still waiting for its model: just drop it
+        elif (handle := self.pool.workers.get(route.worker_id)) is not None:
+            self.send_worker(handle, msg)
 
     # --- worker side ---------------------------------------------------------------------------
 
     def _from_worker(self, worker_id: str, frames: list[bytes]) -> None:
-        handle = self.workers.get(worker_id)
+        handle = self.pool.workers.get(worker_id)
         try:
             msg = decode(frames)
         except ProtocolError as exc:
             log.error("malformed message from worker %s: %s", worker_id, exc)
             return
         if handle is None:
-            if (
-                self.spare is not None
-                and worker_id == self.spare.worker_id
-                and isinstance(msg, Hello)
-            ):
-                self.spare.ready = True
-            return
+            if isinstance(msg, Hello):
+                self.pool.spare_hello(worker_id)
+            return  # otherwise a stopped worker's last words
         if isinstance(msg, Hello):
             self._send_config(handle)
         elif isinstance(msg, Ready):
@@ -246,35 +244,17 @@ class Supervisor:
             handle.stats = msg.stats
             handle.last_heartbeat = now
         elif isinstance(msg, Output):
-            self._forward_output(handle, frames, msg)
+            self._forward_output(frames, msg)
         elif isinstance(msg, Accepted | Error):
-            route = self.routes.get(msg.request_id)
+            route = self.router.get(msg.request_id)
             if route is not None:
                 self.front.send_multipart([route.gateway, *frames])
                 if isinstance(msg, Error):
-                    self._finish_route(handle, msg.request_id)
+                    self._finish(msg.request_id)
 
     def _send_config(self, handle: WorkerHandle) -> None:
         handle.state = WorkerState.LOADING
-        worker_id = handle.worker_id
-        spec, gb = handle.spec, 1 << 30
-
-        def pick(own: Any, default: Any) -> Any:
-            return own if own is not None else default
-
-        engine = EngineSettings(
-            max_batch=self.settings.max_batch,
-            max_queued=self.settings.max_queued,
-            prefill_chunk=self.settings.prefill_chunk,
-            idle_prefill_chunk=self.settings.idle_prefill_chunk,
-            batched_prefill=self.settings.batched_prefill,
-            cache_ram_bytes=int(pick(spec.cache_ram_gb, self.settings.cache_ram_gb) * gb),
-            cache_min_tokens=pick(spec.cache_min_tokens, self.settings.cache_min_tokens),
-            cache_disk_bytes=int(pick(spec.cache_disk_gb, self.settings.cache_disk_gb) * gb),
-            cache_slots=pick(spec.cache_slots, self.settings.cache_slots),
-        )
-        config = Config(worker_id=worker_id, model=handle.spec.to_wire(), engine=engine.to_wire())
-        self.back.send_multipart([worker_id.encode(), *encode(config)])
+        self.send_worker(handle, worker_config(handle, self.settings))
 
     def _ready(self, handle: WorkerHandle, msg: Ready) -> None:
         if msg.error:
@@ -283,13 +263,13 @@ class Supervisor:
             self._fail_pending(
                 handle.name, 503, f"model '{handle.name}' failed to load: {msg.error}"
             )
-            self._remove_worker(handle)
+            self.wanted.pop(handle.name, None)
+            self.pool.stop(handle)
             return
         handle.state = WorkerState.READY
         handle.ready_at = time.time()
         handle.last_heartbeat = time.monotonic()  # the watchdog counts from here, not the spawn
-        self._model_card(handle.spec)
-        self._cards[handle.name]["context_length"] = msg.context_length
+        self.cards.loaded(handle.spec, msg.context_length)
         handle.facts = {
             "context_length": msg.context_length,
             "fingerprint": msg.fingerprint,
@@ -299,159 +279,131 @@ class Supervisor:
         }
         self.counters["model_loads"] += 1
         log.info("model %s ready (worker BLAS: %s)", handle.name, msg.blas)
-        for gateway, gen, _ in self.pending.pop(handle.name, deque()):
-            self._dispatch(handle, gateway, gen)
+        for waiting in self.router.take(handle.name):
+            self._dispatch(handle, waiting.gateway, waiting.msg)
 
-    def _forward_output(self, handle: WorkerHandle, frames: list[bytes], msg: Output) -> None:
-        gateways: set[bytes] = set()
-        for delta in msg.deltas:
-            route = self.routes.get(delta.request_id)
-            if route is None:
-                continue
-            gateways.add(route.gateway)
-            if delta.finish_reason is not None:
-                route.choices_left -= 1
-                if route.choices_left <= 0 or delta.finish_reason == "abort":
-                    self._finish_route(handle, delta.request_id)
-        if len(gateways) == 1:
-            self.front.send_multipart([gateways.pop(), *frames])
+    def _forward_output(self, frames: list[bytes], msg: Output) -> None:
+        per_gateway, finished = self.router.split(msg.deltas)
+        if len(per_gateway) == 1 and sum(map(len, per_gateway.values())) == len(msg.deltas):
+            self.front.send_multipart([next(iter(per_gateway)), *frames])  # as received
         else:  # several gateways: each gets only its own deltas
-            for gw in gateways:
-                own = [
-                    d
-                    for d in msg.deltas
-                    if (r := self.routes.get(d.request_id)) is None or r.gateway == gw
-                ]
-                self._send_gateway(gw, Output(deltas=own))
+            for gateway, deltas in per_gateway.items():
+                self._send_gateway(gateway, Output(deltas=deltas))
+        for request_id in finished:
+            self._finish(request_id)
 
-    def _finish_route(self, handle: WorkerHandle, request_id: str) -> None:
-        self.routes.pop(request_id, None)
-        handle.inflight.discard(request_id)
-        handle.last_used = time.monotonic()
+    def _finish(self, request_id: str) -> None:
+        route = self.router.finish(request_id)
+        if route is not None and (handle := self.pool.workers.get(route.worker_id)):
+            handle.last_used = time.monotonic()
 
-    # --- residency -----------------------------------------------------------------------------
+    # --- residency: snapshot, plan, act --------------------------------------------------------
 
-    def _worker_for(self, model: str) -> WorkerHandle | None:
-        for handle in self.workers.values():
-            if handle.name == model and handle.state != WorkerState.STOPPED:
-                return handle
-        return None
+    def want(self, model: str) -> None:
+        """Load `model` even with no request waiting (retried every turn until it spawns)."""
+        self.wanted[model] = None
+        self.decide(Need(model))
 
-    def _ensure_loading(self, model: str) -> None:
-        if self._worker_for(model) is not None:
-            return
-        resident = [h for h in self.workers.values() if h.state != WorkerState.STOPPED]
-        spec = self.settings.find(model)
-        assert spec is not None
-        if len(resident) >= self.settings.max_resident_models or self._over_budget(resident, spec):
-            victims = sorted(
-                (
-                    h
-                    for h in resident
-                    if h.idle and not h.spec.pinned and h.state == WorkerState.READY
-                ),
-                key=lambda h: h.last_used,
+    def decide(self, event: Event) -> list[Action]:
+        actions = plan(self._residency(), event)
+        for action in actions:
+            self._act(action)
+        return actions
+
+    def _residency(self) -> Residency:
+        measure = self.limits.memory_budget is not None  # RSS and weights only for a budget
+        workers = tuple(
+            WorkerView(
+                worker_id=h.worker_id,
+                model=h.name,
+                state=h.state,
+                idle=self.router.inflight(h.worker_id) == 0,
+                pinned=h.spec.pinned,
+                last_used=h.last_used,
+                rss=(rss_bytes(h.proc.pid) or 0) if measure else 0,
+                idle_timeout=h.spec.idle_timeout,
             )
-            if not victims:
-                return  # retried from housekeeping once a worker goes idle
-            self._evict(victims[0])
-            if self._over_budget([h for h in resident if h is not victims[0]], spec):
-                return  # evict one per turn: the next housekeeping turn evicts more
-        spare = self.spare
-        if spare is not None and spare.ready and spare.proc.poll() is None:
-            # A standby worker has its imports done: it only has to load the weights.
-            self.spare = None
-            handle = WorkerHandle(worker_id=spare.worker_id, spec=spec, proc=spare.proc)
-            self.workers[handle.worker_id] = handle
-            log.info("standby worker %s takes model %s", handle.worker_id, spec.name)
-            self._send_config(handle)
-            return
-        worker_id = f"{spec.name}-{uuid.uuid4().hex[:6]}"
-        self.workers[worker_id] = spawn_worker(
-            spec, worker_id, self.worker_endpoint, self.settings.fast_blas
+            for h in self.pool.workers.values()
+        )
+        wanted = tuple(dict.fromkeys([*self.router.waiting_models(), *self.wanted]))
+        return Residency(
+            now=time.monotonic(),
+            limits=self.limits,
+            workers=workers,
+            exiting=len(self.pool.exiting),
+            wanted=wanted,
+            weights={m: self._weights_of(m) for m in wanted} if measure else {},
+            spare=self.pool.spare_state(),
+            shutting_down=self.stopping,
         )
 
-    def _over_budget(self, resident: list[WorkerHandle], spec: Any) -> bool:
-        """Would loading `spec` next to `resident` exceed the memory budget? Resident
-        workers count with their measured RSS, the newcomer with its weights' size."""
-        budget = self.settings.memory_budget_gb
-        if not budget or not resident:
-            return False
-        used = sum(h.describe().get("rss_bytes") or 0 for h in resident)
-        return used + weights_bytes(spec) > budget * (1 << 30)
+    def _weights_of(self, model: str) -> int:
+        if model not in self._weights:
+            spec = self.settings.find(model)
+            self._weights[model] = weights_bytes(spec) if spec is not None else 0
+        return self._weights[model]
 
-    def _evict(self, handle: WorkerHandle) -> None:
-        log.info("evicting model %s (worker pid %d)", handle.name, handle.proc.pid)
-        self.counters["evictions"] += 1
-        self._remove_worker(handle)
+    def _act(self, action: Action) -> None:
+        if isinstance(action, Spawn | UseSpare):
+            spec = self.settings.find(action.model)
+            if spec is None:
+                return
+            self.wanted.pop(spec.name, None)
+            handle = self.pool.take_spare(spec) if isinstance(action, UseSpare) else None
+            if handle is not None:
+                self._send_config(handle)  # the standby worker said HELLO long ago
+            else:
+                self.pool.spawn(spec)
+        elif isinstance(action, SpawnSpare):
+            self.pool.spawn_spare()
+        elif isinstance(action, Evict):
+            if (handle := self.pool.workers.get(action.worker_id)) is not None:
+                log.info(
+                    "evicting model %s (worker pid %d): %s",
+                    handle.name,
+                    handle.proc.pid,
+                    action.why,
+                )
+                self.counters["evictions"] += 1
+                self.pool.stop(handle)
+        elif isinstance(action, Drain) and (handle := self.pool.workers.get(action.worker_id)):
+            handle.state = WorkerState.DRAINING
 
-    def _remove_worker(self, handle: WorkerHandle) -> None:
-        handle.state = WorkerState.STOPPED
-        stop_process(handle.proc)
-        self.workers.pop(handle.worker_id, None)
-
-    def _fail_pending(self, model: str, status: int, message: str) -> None:
-        for gateway, gen, _ in self.pending.pop(model, deque()):
-            self._send_gateway(
-                gateway,
-                Error(
-                    request_id=gen.request_id, status=status, message=message, type="server_error"
-                ),
-            )
-
-    def _keep_spare(self) -> None:
-        """Keep one standby worker process (imports done, no model) when models can be
-        switched, so a switch costs a weights load, not a Python start-up. Spawned only
-        while no model is loading, so it never competes with a load for the CPU."""
-        if not self.use_spare or self.stopping:
-            return
-        if self.spare is not None and self.spare.proc.poll() is not None:
-            self.spare = None
-        loading = any(
-            h.state in (WorkerState.STARTING, WorkerState.LOADING) for h in self.workers.values()
-        )
-        if self.spare is None and not loading:
-            self.spare = spawn_spare(
-                f"standby-{uuid.uuid4().hex[:6]}", self.worker_endpoint, self.settings.fast_blas
-            )
+    # --- housekeeping and failures -------------------------------------------------------------
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
-        self._keep_spare()
-        for handle in list(self.workers.values()):
-            code = handle.proc.poll()
-            if code is not None and handle.state != WorkerState.STOPPED:
-                self._worker_died(handle, code)
-            elif reason := self._hung(handle, now):
+        self.pool.reap(now)
+        for handle in self.pool.died():
+            self._worker_died(handle, handle.proc.returncode)
+        for handle in list(self.pool.workers.values()):
+            if reason := self._hung(handle, now):
                 self._worker_hung(handle, reason)
-            elif handle.state == WorkerState.DRAINING and handle.idle:
-                self._evict(handle)
-            elif (
-                handle.spec.idle_timeout
-                and handle.state == WorkerState.READY
-                and handle.idle
-                and not handle.spec.pinned
-                and now - handle.last_used > handle.spec.idle_timeout
-            ):
-                log.info(
-                    "model %s idle for %.0fs: unloading", handle.name, handle.spec.idle_timeout
-                )
-                self._evict(handle)
-        for model, queue in list(self.pending.items()):
-            while queue and now - queue[0][2] > self.settings.load_timeout:
-                gateway, gen, _ = queue.popleft()
-                self._send_gateway(
-                    gateway,
-                    Error(
-                        request_id=gen.request_id,
-                        status=503,
-                        message=f"model '{model}' did not become ready within {self.settings.load_timeout:.0f}s",
-                        type="server_error",
-                        retry_after=5.0,
-                    ),
-                )
-            if queue:
-                self._ensure_loading(model)
+        timeout = self.settings.load_timeout
+        for model, waiting in self.router.expired(now, timeout):
+            self._send_gateway(
+                waiting.gateway,
+                Error(
+                    request_id=waiting.msg.request_id,
+                    status=503,
+                    message=f"model '{model}' did not become ready within {timeout:.0f}s",
+                    type="server_error",
+                    retry_after=5.0,
+                ),
+            )
+        self.decide(Tick())
+
+    def _fail_pending(self, model: str, status: int, message: str) -> None:
+        for waiting in self.router.take(model):
+            self._send_gateway(
+                waiting.gateway,
+                Error(
+                    request_id=waiting.msg.request_id,
+                    status=status,
+                    message=message,
+                    type="server_error",
+                ),
+            )
 
     def _hung(self, handle: WorkerHandle, now: float) -> str | None:
         if handle.state not in (WorkerState.READY, WorkerState.DRAINING):
@@ -465,37 +417,30 @@ class Supervisor:
 
     def _worker_hung(self, handle: WorkerHandle, reason: str) -> None:
         """A worker that stopped serving without exiting: fail its requests, kill it
-        (SIGKILL reaches a stopped process too) and respawn it."""
+        (SIGKILL reaches a stopped process too; the pool reaps it) and respawn it."""
         log.error("worker for %s is hung: %s; killing pid %d", handle.name, reason, handle.proc.pid)
         self.counters["worker_hangs"] += 1
-        handle.proc.kill()
-        with contextlib.suppress(Exception):
-            handle.proc.wait(timeout=5)
-        self._worker_died(
-            handle, handle.proc.returncode, f"the worker serving '{handle.name}' hung ({reason})"
-        )
+        self.pool.kill(handle)
+        self._worker_died(handle, None, f"the worker serving '{handle.name}' hung ({reason})")
 
     def _worker_died(self, handle: WorkerHandle, code: int | None, why: str = "") -> None:
         if not why:
             log.error("worker for %s exited unexpectedly (code %s)", handle.name, code)
             why = f"the worker serving '{handle.name}' exited unexpectedly"
         self.counters["worker_restarts"] += 1
-        for rid in list(handle.inflight):
-            route = self.routes.pop(rid, None)
-            if route is not None:
-                self._send_gateway(
-                    route.gateway,
-                    Error(
-                        request_id=rid,
-                        status=503,
-                        message=f"{why}; retry the request",
-                        type="server_error",
-                        code="worker_died",
-                        retry_after=1.0,
-                    ),
-                )
-        handle.state = WorkerState.STOPPED
-        self.workers.pop(handle.worker_id, None)
+        for rid, route in self.router.drop_worker(handle.worker_id):
+            self._send_gateway(
+                route.gateway,
+                Error(
+                    request_id=rid,
+                    status=503,
+                    message=f"{why}; retry the request",
+                    type="server_error",
+                    code="worker_died",
+                    retry_after=1.0,
+                ),
+            )
+        self.pool.forget(handle)
         # A crash loop cannot be recovered here: exit non-zero so the service manager
         # (launchd / systemd) restarts everything.
         now = time.monotonic()
@@ -511,6 +456,7 @@ class Supervisor:
             self.exit_code = 1
             self.stopping = True
         if handle.ready_at is None:
+            self.wanted.pop(handle.name, None)
             self._fail_pending(
                 handle.name,
                 503,
@@ -519,120 +465,4 @@ class Supervisor:
         elif not self.stopping:
             # It was serving: load it again now, so the model is back before the next
             # request rather than after it.
-            self._ensure_loading(handle.name)
-
-    # --- control -------------------------------------------------------------------------------
-
-    def _control(self, msg: Control) -> ControlReply:
-        try:
-            op = ControlOp(msg.op)
-        except ValueError:
-            return ControlReply(
-                request_id=msg.request_id, ok=False, error=f"unknown control op {msg.op!r}"
-            )
-        if op == ControlOp.STATUS:
-            return ControlReply(request_id=msg.request_id, ok=True, data=self.status())
-        if op == ControlOp.LOAD:
-            name = str(msg.args.get("model", ""))
-            if self.settings.find(name) is None:
-                return ControlReply(
-                    request_id=msg.request_id, ok=False, error=f"unknown model {name!r}"
-                )
-            self._ensure_loading(name)
-            handle = self._worker_for(name)
-            state = str(handle.state) if handle else "waiting for a resident model to go idle"
-            return ControlReply(
-                request_id=msg.request_id, ok=True, data={"model": name, "state": state}
-            )
-        if op == ControlOp.EVICT:
-            return self._control_evict(msg)
-        if op == ControlOp.CACHE_STATS:
-            live = {
-                h.name: {"ram": h.stats.get("prefix_cache"), "disk": h.stats.get("disk_cache")}
-                for h in self.workers.values()
-            }
-            return ControlReply(
-                request_id=msg.request_id,
-                ok=True,
-                data={"resident": live, "on_disk": list_caches()},
-            )
-        if op == ControlOp.CACHE_CLEAR:
-            model = msg.args.get("model")
-            for handle in self.workers.values():
-                if model in (None, handle.name) and handle.state == WorkerState.READY:
-                    self.back.send_multipart([handle.worker_id.encode(), *encode(msg)])
-            return ControlReply(
-                request_id=msg.request_id, ok=True, data={"removed": clear_caches(model)}
-            )
-        if op == ControlOp.SHUTDOWN:
-            self.stopping = True
-            return ControlReply(request_id=msg.request_id, ok=True)
-        return ControlReply(request_id=msg.request_id, ok=False, error=f"{op} is not supported yet")
-
-    def _control_evict(self, msg: Control) -> ControlReply:
-        name = msg.args.get("model")
-        targets = [h for h in self.workers.values() if name in (None, h.name)]
-        if name is not None and self.settings.find(str(name)) is None:
-            return ControlReply(
-                request_id=msg.request_id, ok=False, error=f"unknown model {name!r}"
-            )
-        result = {}
-        for handle in targets:
-            if handle.idle:
-                self._evict(handle)
-                result[handle.name] = "evicted"
-            else:
-                handle.state = WorkerState.DRAINING
-                result[handle.name] = "draining"
-        return ControlReply(request_id=msg.request_id, ok=True, data={"models": result})
-
-    def _model_card(self, spec: Any) -> dict[str, Any]:
-        """Facts /v1/models reports even while a model is not loaded: its context length
-        (the worker's, once it has loaded; else the local config.json's) and a creation
-        time (the local folder's modification time; else when this server started)."""
-        if spec.name not in self._cards:
-            path = Path(spec.model_id_or_path)
-            created, context = int(self.started), None
-            with contextlib.suppress(OSError, ValueError):
-                created = int(path.stat().st_mtime)
-                config = json.loads((path / "config.json").read_text())
-                for key in ("max_position_embeddings", "max_seq_len", "seq_length", "n_ctx"):
-                    if isinstance(config.get(key), int):
-                        context = config[key]
-                        break
-            self._cards[spec.name] = {"created": created, "context_length": context}
-        return dict(self._cards[spec.name])
-
-    def status(self) -> dict[str, Any]:
-        resident = {h.name: h for h in self.workers.values()}
-        models = []
-        for spec in self.settings.models:
-            handle = resident.get(spec.name)
-            entry: dict[str, Any] = {
-                "name": spec.name,
-                "source": spec.model_id_or_path,
-                "quant": spec.quant,
-                "pinned": spec.pinned,
-                "state": "unloaded",
-                "waiting": len(self.pending.get(spec.name, ())),
-            }
-            entry.update(self._model_card(spec))
-            if handle is not None:
-                entry["state"] = (
-                    "loaded"
-                    if handle.state == WorkerState.READY
-                    else (
-                        "loading"
-                        if handle.state in (WorkerState.STARTING, WorkerState.LOADING)
-                        else str(handle.state)
-                    )
-                )
-                entry["worker"] = handle.describe()
-            models.append(entry)
-        return {
-            "version": __version__,
-            "supervisor": {"pid": os.getpid(), "uptime": time.time() - self.started},
-            "models": models,
-            "counters": dict(self.counters),
-            "routes": len(self.routes),
-        }
+            self.want(handle.name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -14,8 +15,11 @@ from enum import StrEnum
 from typing import Any
 
 from ..models import ModelSpec
+from ..protocol import Config
 from ..worker.blas import find_fast_blas
 from ..worker.quantize import BITS
+from ..worker.settings import EngineSettings
+from .config import ServerSettings
 
 log = logging.getLogger("mlxtg.supervisor")
 
@@ -39,36 +43,56 @@ class WorkerHandle:
     facts: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
     last_heartbeat: float = field(default_factory=time.monotonic)
-    inflight: set[str] = field(default_factory=set)
     last_used: float = field(default_factory=time.monotonic)
 
     @property
     def name(self) -> str:
         return self.spec.name
 
-    @property
-    def idle(self) -> bool:
-        return not self.inflight
-
-    def describe(self) -> dict[str, Any]:
-        rss = None
-        try:
-            import psutil
-
-            rss = psutil.Process(self.proc.pid).memory_info().rss
-        except Exception:  # the process may be gone already
-            pass
+    def describe(self, inflight: int = 0) -> dict[str, Any]:
         return {
             "model": self.name,
             "worker_id": self.worker_id,
             "pid": self.proc.pid,
             "state": str(self.state),
-            "rss_bytes": rss,
-            "inflight": len(self.inflight),
+            "rss_bytes": rss_bytes(self.proc.pid),
+            "inflight": inflight,
             "uptime": time.time() - self.spawned_at,
             "facts": self.facts,
             "stats": self.stats,
         }
+
+
+def worker_config(handle: WorkerHandle, settings: ServerSettings) -> Config:
+    """The CONFIG a worker loads: its model, and the engine settings (the model's own cache
+    budgets where it sets them, else the server's)."""
+    spec, gb = handle.spec, 1 << 30
+
+    def pick(own: Any, default: Any) -> Any:
+        return own if own is not None else default
+
+    engine = EngineSettings(
+        max_batch=settings.max_batch,
+        max_queued=settings.max_queued,
+        prefill_chunk=settings.prefill_chunk,
+        idle_prefill_chunk=settings.idle_prefill_chunk,
+        batched_prefill=settings.batched_prefill,
+        cache_ram_bytes=int(pick(spec.cache_ram_gb, settings.cache_ram_gb) * gb),
+        cache_min_tokens=pick(spec.cache_min_tokens, settings.cache_min_tokens),
+        cache_disk_bytes=int(pick(spec.cache_disk_gb, settings.cache_disk_gb) * gb),
+        cache_slots=pick(spec.cache_slots, settings.cache_slots),
+    )
+    return Config(worker_id=handle.worker_id, model=spec.to_wire(), engine=engine.to_wire())
+
+
+def rss_bytes(pid: int) -> int | None:
+    """Resident memory of a process, or None when it is gone."""
+    try:
+        import psutil
+
+        return int(psutil.Process(pid).memory_info().rss)
+    except Exception:  # the process may be gone already
+        return None
 
 
 def weights_bytes(spec: ModelSpec) -> int:
@@ -120,8 +144,16 @@ def spawn_gateway(config: dict[str, Any]) -> subprocess.Popen[bytes]:
     )
 
 
+def signal_process(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """Send `sig` unless the process has exited (and been reaped) already."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+
+
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> int | None:
-    """SIGTERM, wait, then SIGKILL: no orphans."""
+    """SIGTERM, wait, then SIGKILL: no orphans. Blocks up to twice `timeout`: for shutdown
+    only; a running supervisor stops workers through the pool, which never waits."""
     if proc.poll() is not None:
         return proc.returncode
     try:
