@@ -158,3 +158,11 @@ def test_errors_and_tokenize_replies_go_out_through_the_socket(wired):
     accepted = [m for m in got if isinstance(m, Accepted)]
     assert accepted[0].prompt_token_ids == [1, 2, 3]
     assert io.take(block=False) == []  # neither reached the engine
+
+
+def test_a_malformed_generate_is_dropped_and_the_next_one_prepared(wired):
+    io, peer, prep = wired
+    peer.send_multipart([b"GENERATE", b"\xc1 not msgpack"])
+    peer.send_multipart([b"GENERATE", encode(Abort(request_id="x"))[1]])  # wrong fields
+    peer.send_multipart(generate("fine"))
+    assert inbox(io, 1) == ["request:fine"]

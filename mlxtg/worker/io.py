@@ -191,7 +191,7 @@ class WorkerIO(threading.Thread):
             number, frames = job
             try:
                 msg = decode(frames)
-            except ProtocolError as exc:
+            except Exception as exc:  # whatever the bytes, this thread must go on
                 log.error("dropping malformed message: %s", exc)
                 msg = None
             if not isinstance(msg, Generate):
