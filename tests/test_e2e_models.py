@@ -146,3 +146,23 @@ def test_metrics_endpoint(multi):
         'mlxtg_model_loaded{model="a"} 1',
     ):
         assert name in text, name
+
+
+def test_cache_clear_keeps_the_folder_of_a_running_worker(multi):
+    srv, client = multi
+    greedy(client, "b")  # b's disk cache folder exists from its load
+    greedy(client, "a")
+    a = next(m for m in srv.status()["models"] if m["name"] == "a")
+    fp = a["worker"]["facts"]["fingerprint"]
+    root = srv.home / "kv-cache"
+    assert (root / fp / "meta.json").exists()
+    r = httpx.post(
+        f"{srv.url}/admin/cache/clear", json={"model": None}, headers=srv.headers, timeout=30
+    )
+    removed = r.json()["removed"]
+    # The running worker clears its own cache; its folder (meta.json, index) is not pulled
+    # from under it. The folders of the other models are gone.
+    assert f"a ({fp})" in removed and any(name.startswith("b (") for name in removed)
+    assert [p.name for p in root.iterdir()] == [fp]
+    assert json.loads((root / fp / "meta.json").read_text())["model"] == "a"
+    greedy(client, "a")

@@ -1,8 +1,10 @@
 """The supervisor's parts without a gateway or a model: the process pool stops workers
-without waiting, and the router keys everything by request."""
+without waiting, the router keys everything by request, and a cache clear spares the
+folders of running workers."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -162,7 +164,7 @@ def test_waiting_requests_queue_per_model_bounded_and_expire():
     assert r.waiting("a") == 0
 
 
-# --- supervisor: a non-blocking evict -----------------------------------------
+# --- supervisor: cache clear and non-blocking evict -----------------------------------------
 
 
 @pytest.fixture
@@ -173,6 +175,24 @@ def sup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     s = Supervisor(ServerSettings(models=[demo_spec()], standby_worker=False))
     yield s
     s.close()
+
+
+def test_cache_clear_spares_a_running_workers_folder(sup, tmp_path: Path):
+    name = demo_spec().name
+    root = tmp_path / "home" / "kv-cache"
+    for fp in ("fp-running", "fp-old"):
+        (root / fp / "ab").mkdir(parents=True)
+        (root / fp / "meta.json").write_text(json.dumps({"model": name, "fingerprint": fp}))
+        (root / fp / "ab" / "block.safetensors").write_bytes(b"x")
+    h = handle(child(SLEEPER), name=name, state=WorkerState.READY)
+    h.facts["fingerprint"] = "fp-running"
+    sup.pool.workers[h.worker_id] = h
+    reply = control.answer(sup, Control(request_id="r", op="cache_clear", args={"model": name}))
+    assert reply.ok
+    # The running worker got the CACHE_CLEAR and empties its own folder; its meta stays.
+    assert (root / "fp-running" / "meta.json").exists()
+    assert not (root / "fp-old").exists()
+    assert sorted(reply.data["removed"]) == [f"{name} (fp-old)", f"{name} (fp-running)"]
 
 
 def test_evicting_a_worker_that_ignores_sigterm_does_not_wait_for_it(sup):

@@ -103,13 +103,23 @@ def evict(sup: Supervisor, model: str | None) -> dict[str, str]:
 
 
 def cache_clear(sup: Supervisor, msg: Control) -> list[str]:
-    """Clear the prompt caches of `model` (every model when None): the running workers
-    clear their own, and the disk folders are deleted."""
+    """Clear the prompt caches of `model` (every model when None). A running worker clears
+    its own, RAM and disk; deleting its folder under it would take the folder's meta.json
+    and index too, so only the folders no running worker uses are removed here."""
     model = msg.args.get("model")
+    running: dict[str, str] = {}  # fingerprint (= disk folder) -> model, of running workers
     for handle in sup.pool.workers.values():
-        if model in (None, handle.name) and handle.state == WorkerState.READY:
-            sup.send_worker(handle, msg)
-    return clear_caches(model)
+        if handle.state in (WorkerState.READY, WorkerState.DRAINING):
+            if fingerprint := handle.facts.get("fingerprint"):
+                running[str(fingerprint)] = handle.name
+            if model in (None, handle.name):
+                sup.send_worker(handle, msg)
+    removed = clear_caches(model, skip=frozenset(running))
+    on_disk = {e["fingerprint"] for e in list_caches()}
+    removed += [
+        f"{name} ({fp})" for fp, name in running.items() if fp in on_disk and model in (None, name)
+    ]
+    return removed
 
 
 def status(sup: Supervisor) -> dict[str, Any]:
