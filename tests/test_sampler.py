@@ -24,3 +24,29 @@ def test_a_tiny_repetition_penalty_stays_finite():
     # Token 45 was seen and has a positive logit: a penalty below 1 boosts it (x / penalty).
     got = sample(logits, rows(50, (45,), temperature=0.7, repetition_penalty=1e-45, seed=3))
     assert got.tokens == [45]  # overflowing to inf would make the softmax NaN: token 0
+
+
+def test_logit_bias_lands_on_its_token_ids():
+    import numpy as np
+
+    from mlxtg.worker.params import SamplingParams
+    from mlxtg.worker.sampler import RowState
+
+    params = SamplingParams(max_tokens=4, logit_bias={3: 5.0, 7: -100.0, 0: 1.5})
+    row = RowState.create(params, vocab_size=10, prompt=[1, 2])
+    bias = np.array(row.bias)
+    assert bias[3] == 5.0 and bias[7] == -100.0 and bias[0] == 1.5
+    assert np.count_nonzero(bias) == 3
+
+
+def test_a_huge_logit_bias_map_is_refused_before_its_entries_are_converted():
+    import pytest
+    from pydantic import ValidationError
+
+    from mlxtg.gateway.schemas import MAX_LOGIT_BIAS, ChatCompletionRequest
+
+    huge = {str(i): 1 for i in range(MAX_LOGIT_BIAS + 1)}
+    with pytest.raises(ValidationError, match="logit_bias has"):
+        ChatCompletionRequest.model_validate(
+            {"model": "m", "messages": [{"role": "user", "content": "hi"}], "logit_bias": huge}
+        )

@@ -54,6 +54,9 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+MAX_LOGIT_BIAS = 1 << 18  # the worker further caps it at the model's vocabulary size
+
+
 class _Common(NullMeansDefault):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -93,6 +96,17 @@ class _Common(NullMeansDefault):
     def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
         if isinstance(v, list) and len(v) > 16:
             raise ValueError("at most 16 stop sequences")
+        return v
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _bias_size(cls, v: Any) -> Any:
+        # Before pydantic converts every entry: a million-key map is refused at once.
+        if isinstance(v, dict) and len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(
+                f"logit_bias has {len(v)} entries; at most {MAX_LOGIT_BIAS} (one per token of "
+                "the largest vocabularies) are accepted"
+            )
         return v
 
     @field_validator("logit_bias")

@@ -47,9 +47,12 @@ class RowState:
         row = cls(params=params, rng=np.random.default_rng(seed), vocab_size=vocab_size)
         row.guide = guide
         if params.logit_bias:
+            # One vectorised write (a per-key loop ran for every choice of a big map).
+            lb = params.logit_bias
             bias = np.zeros(vocab_size, dtype=np.float32)
-            for tok, value in params.logit_bias.items():
-                bias[tok] = value
+            bias[np.fromiter(lb.keys(), np.int64, len(lb))] = np.fromiter(
+                lb.values(), np.float32, len(lb)
+            )
             row.bias = mx.array(bias)
         if params.needs_penalties:
             row.counts = np.zeros(vocab_size, dtype=np.float32)
