@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: up test lint unit e2e conformance bench bench-write bench-guided bench-guided-serving bench-switch bench-agent blas clean
+.PHONY: up test lint unit e2e conformance bench bench-write bench-guided bench-guided-serving bench-switch bench-agent soak blas clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -56,6 +56,10 @@ bench-switch: $(STAMP)
 
 bench-agent: $(STAMP)
 	$(BIN)/python -m bench.bench_agent $(ARGS)
+
+# N clients x M minutes of mixed traffic with disconnects on a real server (issue 14); ARGS="--write" records it.
+soak: $(STAMP)
+	$(BIN)/python -m bench.soak $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

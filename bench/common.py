@@ -252,3 +252,41 @@ def wait_quiet(limit: float) -> list[str]:
             log(f"waiting up to {limit:.0f}s for other runs to finish:\n  " + "\n  ".join(busy))
             said = True
         time.sleep(15)
+
+
+# -- reports --------------------------------------------------------------------------------------
+def git_commit() -> str:
+    """The checkout's short commit, with "+dirty" when mlxtg/ has uncommitted changes."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "?"
+    return commit + ("+dirty" if git("status", "--porcelain", "--", "mlxtg") else "")
+
+
+def replace_section(path: Path, heading: str, section: str) -> None:
+    """Replace the `## ` section that starts with `heading` in a markdown file (or append it),
+    leaving the rest of the file alone."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    if heading in text:
+        start = text.index(heading)
+        nxt = text.find("\n## ", start + len(heading))
+        text = text[:start] + section.rstrip() + "\n" + (text[nxt:] if nxt >= 0 else "")
+    else:
+        text = text.rstrip() + "\n\n" + section
+    path.write_text(text.rstrip() + "\n")
+
+
+def export_head(dest: Path) -> str:
+    """Write HEAD's mlxtg/ (no uncommitted edits) under `dest`, for PYTHONPATH; its short commit."""
+    import subprocess
+
+    dest.mkdir(parents=True, exist_ok=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout.strip()
+    tar = subprocess.run(["git", "archive", commit, "mlxtg"], cwd=ROOT, capture_output=True,
+                         check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=tar, check=True)
+    return commit
