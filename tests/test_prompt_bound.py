@@ -7,7 +7,7 @@ import pytest
 from tiny_model import build_model
 
 from mlxtg.models import demo_spec
-from mlxtg.protocol import Generate
+from mlxtg.protocol import ErrorKind, Generate
 from mlxtg.worker.params import RequestError, SamplingParams
 
 
@@ -57,12 +57,12 @@ def test_a_prompt_at_the_limit_passes_and_one_token_more_is_refused_untokenised(
     monkeypatch.setattr(demo.tokenizer._tokenizer, "encode", no_tokenising)
     with pytest.raises(RequestError) as exc:
         demo(completion(exact + "</tool_response>", add_special_tokens=False))
-    assert exc.value.code == "context_length_exceeded" and exc.value.param == "max_tokens"
+    assert exc.value.kind == ErrorKind.CONTEXT_OVERFLOW and exc.value.param == "max_tokens"
     assert f"at least {ctx + 1} tokens" in exc.value.message
     huge = "x" * 5_000_000
     with pytest.raises(RequestError) as exc:
         demo(completion(huge, max_tokens=None))
-    assert exc.value.code == "context_length_exceeded" and exc.value.param == "messages"
+    assert exc.value.kind == ErrorKind.CONTEXT_OVERFLOW and exc.value.param == "messages"
     chat = Generate(
         request_id="c",
         model="m",
@@ -71,7 +71,7 @@ def test_a_prompt_at_the_limit_passes_and_one_token_more_is_refused_untokenised(
     )
     with pytest.raises(RequestError) as exc:
         demo(chat)
-    assert exc.value.code == "context_length_exceeded"
+    assert exc.value.kind == ErrorKind.CONTEXT_OVERFLOW
 
 
 def test_tokenize_only_has_no_context_limit(demo):
@@ -86,7 +86,7 @@ def test_token_id_prompts_are_measured_before_their_ids_are_checked(demo):
     msg = Generate(request_id="r", model="m", params={}, prompt_token_ids=too_many)
     with pytest.raises(RequestError) as exc:
         demo(msg)
-    assert exc.value.code == "context_length_exceeded"
+    assert exc.value.kind == ErrorKind.CONTEXT_OVERFLOW
 
 
 def fast_tokenizer(model, normalizer=None, pre_tokenizer=None, added=()):

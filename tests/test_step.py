@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from tiny_model import build_model
 
 from mlxtg.models import ModelSpec
-from mlxtg.protocol import Abort, Accepted, Error, Generate, Output
+from mlxtg.protocol import Abort, Accepted, Error, ErrorKind, FinishReason, Generate, Output
 from mlxtg.worker.engine import Engine
+from mlxtg.worker.guided import GuidedError
 from mlxtg.worker.loader import load
 from mlxtg.worker.params import SamplingParams
 from mlxtg.worker.prefix_cache import RamPrefixCache
@@ -211,7 +213,7 @@ def test_full_queue_answers_429(loaded):
     eng = engine(loaded, max_queued=1, chunk_tokens=16)
     out = eng.step([request(loaded, "a", "x " * 50), request(loaded, "b", "y")])
     errors = [m for m in out if isinstance(m, Error)]
-    assert [(e.request_id, e.status) for e in errors] == [("b", 429)]
+    assert [(e.request_id, e.kind) for e in errors] == [("b", ErrorKind.QUEUE_FULL)]
 
 
 def test_a_failing_prefill_fails_only_its_request(loaded, monkeypatch):
@@ -226,7 +228,7 @@ def test_a_failing_prefill_fails_only_its_request(loaded, monkeypatch):
     log.take(eng.step([request(loaded, "bad", "breaks")]))
     monkeypatch.setattr(eng.runner, "prefill_alone", original)
     drain(eng, log)
-    assert log.errors["bad"].status == 500 and "boom" in log.errors["bad"].message
+    assert log.errors["bad"].kind == ErrorKind.INTERNAL and "boom" in log.errors["bad"].message
     assert len(log.tokens[("ok", 0)]) == 6
 
 
@@ -265,7 +267,52 @@ def test_a_failing_forward_pass_fails_the_batch_and_the_engine_goes_on(loaded, m
 
     monkeypatch.setattr(eng.runner, "queue_decode", broken)
     log.take(eng.step())
-    assert log.errors["x"].status == 500 and eng.idle
+    assert log.errors["x"].kind == ErrorKind.INTERNAL and eng.idle
     monkeypatch.setattr(eng.runner, "queue_decode", original)
     drain(eng, log.take(eng.step([request(loaded, "y", "two", max_tokens=5)])))
     assert len(log.tokens[("y", 0)]) == 5 and log.finish[("y", 0)] == "length"
+
+
+def test_a_constraint_failure_mid_stream_says_what_failed(loaded):
+    class Guide:
+        seen = 0
+
+        def consume(self, token):
+            self.seen += 1
+            if self.seen == 3:
+                raise GuidedError(f"token {token} violates the json constraint: nope", "x")
+
+        def is_finished(self):
+            return False
+
+    class Guided:
+        stats: dict[str, int] = {}
+
+        def new_state(self, spec):
+            return Guide()
+
+        def batch_masks(self, guides):
+            return np.ones((len(guides), loaded.vocab_size), dtype=bool)
+
+    eng = engine(loaded)
+    eng.guided = Guided()
+    req = request(loaded, "g", "hi", max_tokens=6)
+    req.payload.guide_spec = "a spec"
+    deltas = []
+    for _ in range(50):
+        deltas += [
+            d
+            for m in eng.step([req] if not deltas else [])
+            if isinstance(m, Output)
+            for d in m.deltas
+        ]
+        if eng.idle and deltas:
+            break
+    last = deltas[-1]
+    assert len(deltas) == 3 and last.finish_reason == FinishReason.ERROR
+    assert last.error_kind == ErrorKind.GENERATION_FAILED
+    assert (
+        last.error_message is not None
+        and "violates the json constraint: nope" in last.error_message
+    )
+    assert all(d.error_kind is None for d in deltas[:-1])

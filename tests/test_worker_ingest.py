@@ -14,6 +14,7 @@ from mlxtg.protocol import (
     Accepted,
     Delta,
     Error,
+    ErrorKind,
     Generate,
     Heartbeat,
     Output,
@@ -154,7 +155,9 @@ def test_errors_and_tokenize_replies_go_out_through_the_socket(wired):
     peer.send_multipart(generate("tok", tokenize_only=True))
     got = received(peer, finished("tok", "stop"))
     errors = [m for m in got if isinstance(m, Error)]
-    assert [(e.request_id, e.status, e.param) for e in errors] == [("bad", 400, "prompt")]
+    assert [(e.request_id, e.kind, e.param) for e in errors] == [
+        ("bad", ErrorKind.INVALID_REQUEST, "prompt")
+    ]
     accepted = [m for m in got if isinstance(m, Accepted)]
     assert accepted[0].prompt_token_ids == [1, 2, 3]
     assert io.take(block=False) == []  # neither reached the engine

@@ -23,6 +23,7 @@ from ..protocol import (
     Control,
     ControlReply,
     Error,
+    ErrorKind,
     Generate,
     Message,
     Output,
@@ -88,9 +89,8 @@ class SupervisorClient:
                 q.put_nowait(
                     Error(
                         request_id=rid,
-                        status=503,
+                        kind=ErrorKind.UNAVAILABLE,
                         message=message,
-                        type="server_error",
                         code="shutting_down",
                         retry_after=5.0,
                     )

@@ -1,4 +1,5 @@
-"""One exception tree, mapped once to OpenAI error bodies.
+"""One exception tree, mapped once to OpenAI error bodies; `from_kind` maps the error kinds
+other processes send (protocol/errors.py) onto it, once.
 
 APIError
 ├── BadRequest            400  invalid_request_error
@@ -22,6 +23,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..protocol import Error, ErrorKind
 
 log = logging.getLogger("mlxtg.gateway")
 
@@ -54,7 +57,7 @@ class BadRequest(APIError):
 
 
 class ContextOverflow(BadRequest):
-    pass
+    default_code = "context_length_exceeded"
 
 
 class Unauthorized(APIError):
@@ -112,18 +115,33 @@ _BY_STATUS: dict[int, type[APIError]] = {
 }
 
 
-def from_status(
-    status: int,
+# kind -> (exception, its default code). The one place a kind gets an HTTP status.
+_BY_KIND: dict[ErrorKind, tuple[type[APIError], str | None]] = {
+    ErrorKind.INVALID_REQUEST: (BadRequest, None),
+    ErrorKind.CONTEXT_OVERFLOW: (ContextOverflow, None),
+    ErrorKind.MODEL_NOT_FOUND: (NotFound, "model_not_found"),
+    ErrorKind.QUEUE_FULL: (RateLimited, "queue_full"),
+    ErrorKind.UNAVAILABLE: (Unavailable, None),
+    ErrorKind.GENERATION_FAILED: (InternalError, None),
+    ErrorKind.INTERNAL: (InternalError, None),
+}
+
+
+def from_kind(
+    kind: ErrorKind,
     message: str,
     param: str | None = None,
     code: str | None = None,
     retry_after: float | None = None,
 ) -> APIError:
-    """Rebuild the right exception from a worker/supervisor ERROR message."""
-    cls = _BY_STATUS.get(status, InternalError if status >= 500 else BadRequest)
-    if code == "context_length_exceeded":
-        cls = ContextOverflow
-    return cls(message, param=param, code=code, retry_after=retry_after)
+    """The exception for an error of `kind` that a worker or the supervisor reported."""
+    cls, default_code = _BY_KIND.get(kind, (InternalError, None))
+    return cls(message, param=param, code=code or default_code, retry_after=retry_after)
+
+
+def from_error(msg: Error) -> APIError:
+    """The exception for an ERROR message."""
+    return from_kind(msg.kind, msg.message, msg.param, msg.code, msg.retry_after)
 
 
 def error_body(

@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..protocol import Accepted, Delta, Error, Generate, Message
+from ..protocol import Accepted, Delta, Error, ErrorKind, FinishReason, Generate, Message
 from .client import InFlight, SupervisorClient
-from .errors import APIError, from_status
+from .errors import APIError, from_error, from_kind
 
 
 @dataclass(slots=True)
@@ -102,7 +102,7 @@ class Run:
     def _check_error(self, msg: Message) -> None:
         if isinstance(msg, Error):
             self._handles[msg.request_id].done = True
-            raise from_status(msg.status, msg.message, msg.param, msg.code, msg.retry_after)
+            raise from_error(msg)
 
     async def events(self) -> AsyncIterator[tuple[int, Delta]]:
         """(global choice index, delta) until all choices finished."""
@@ -119,10 +119,13 @@ class Run:
             p = self._prompt_index[msg.request_id]
             if msg.finish_reason is not None:
                 self._left -= 1
-                if msg.finish_reason == "abort":
+                if msg.finish_reason == FinishReason.ABORT:
                     raise APIError("the request was aborted")
-                if msg.finish_reason == "error":
-                    raise APIError("generation failed: the constraint state became invalid")
+                if msg.finish_reason == FinishReason.ERROR:
+                    raise from_kind(
+                        msg.error_kind or ErrorKind.GENERATION_FAILED,
+                        msg.error_message or "generation failed",
+                    )
                 self._finished[p] += 1
                 if self._finished[p] >= self.n:
                     self._handles[msg.request_id].done = True

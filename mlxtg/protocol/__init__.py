@@ -1,6 +1,7 @@
 """Wire protocol between gateway, supervisor and workers (imports nothing heavy)."""
 
 from .codec import ProtocolError, decode, encode
+from .errors import ErrorKind
 from .messages import (
     Abort,
     Accepted,
@@ -30,6 +31,7 @@ __all__ = [
     "ControlReply",
     "Delta",
     "Error",
+    "ErrorKind",
     "FinishReason",
     "Generate",
     "Heartbeat",

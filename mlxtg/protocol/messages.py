@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
 
+from .errors import ErrorKind
+
 
 class MsgType(StrEnum):
     """Every message type on the wire. Closed: decoding anything else is an error."""
@@ -198,6 +200,9 @@ class Delta(Message):
     # On a choice's first delta when the prompt is scored (`prompt_logprobs`): one entry
     # per prompt token.
     prompt_logprobs: list[LogprobEntry] | None = None
+    # finish_reason "error": what failed, for the client's error event.
+    error_kind: ErrorKind | None = None
+    error_message: str | None = None
 
 
 @dataclass(slots=True)
@@ -211,13 +216,13 @@ class Output(Message):
 
 @dataclass(slots=True)
 class Error(Message):
-    """A failed request, already shaped as an OpenAI error. Ends that request only."""
+    """A failed request, ending that request only. The gateway turns `kind` into each API's
+    status and body; `code` overrides the kind's default machine-readable code."""
 
     TYPE: ClassVar[MsgType] = MsgType.ERROR
     request_id: str
-    status: int
+    kind: ErrorKind
     message: str
-    type: str = "invalid_request_error"
     param: str | None = None
     code: str | None = None
     retry_after: float | None = None

@@ -27,6 +27,7 @@ from ..protocol import (
     Control,
     ControlReply,
     Error,
+    ErrorKind,
     Generate,
     Heartbeat,
     Hello,
@@ -180,10 +181,9 @@ class Supervisor:
                 gateway,
                 Error(
                     request_id=msg.request_id,
-                    status=404,
+                    kind=ErrorKind.MODEL_NOT_FOUND,
                     message=f"The model '{msg.model}' does not exist. Served models: {names}",
                     param="model",
-                    code="model_not_found",
                 ),
             )
             return
@@ -197,10 +197,8 @@ class Supervisor:
                 gateway,
                 Error(
                     request_id=msg.request_id,
-                    status=429,
+                    kind=ErrorKind.QUEUE_FULL,
                     message=f"too many requests are waiting for model '{spec.name}' to load",
-                    type="rate_limit_error",
-                    code="queue_full",
                     retry_after=2.0,
                 ),
             )
@@ -260,9 +258,7 @@ class Supervisor:
         if msg.error:
             log.error("model %s failed to load: %s", handle.name, msg.error)
             self.counters["load_failures"] += 1
-            self._fail_pending(
-                handle.name, 503, f"model '{handle.name}' failed to load: {msg.error}"
-            )
+            self._fail_pending(handle.name, f"model '{handle.name}' failed to load: {msg.error}")
             self.wanted.pop(handle.name, None)
             self.pool.stop(handle)
             return
@@ -385,23 +381,22 @@ class Supervisor:
                 waiting.gateway,
                 Error(
                     request_id=waiting.msg.request_id,
-                    status=503,
+                    kind=ErrorKind.UNAVAILABLE,
                     message=f"model '{model}' did not become ready within {timeout:.0f}s",
-                    type="server_error",
                     retry_after=5.0,
                 ),
             )
         self.decide(Tick())
 
-    def _fail_pending(self, model: str, status: int, message: str) -> None:
+    def _fail_pending(self, model: str, message: str) -> None:
+        """Requests waiting for `model` to load get 503s: it will not load."""
         for waiting in self.router.take(model):
             self._send_gateway(
                 waiting.gateway,
                 Error(
                     request_id=waiting.msg.request_id,
-                    status=status,
+                    kind=ErrorKind.UNAVAILABLE,
                     message=message,
-                    type="server_error",
                 ),
             )
 
@@ -433,9 +428,8 @@ class Supervisor:
                 route.gateway,
                 Error(
                     request_id=rid,
-                    status=503,
+                    kind=ErrorKind.UNAVAILABLE,
                     message=f"{why}; retry the request",
-                    type="server_error",
                     code="worker_died",
                     retry_after=1.0,
                 ),
@@ -459,7 +453,6 @@ class Supervisor:
             self.wanted.pop(handle.name, None)
             self._fail_pending(
                 handle.name,
-                503,
                 f"the worker for '{handle.name}' exited while loading (code {code})",
             )
         elif not self.stopping:

@@ -24,7 +24,17 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from ..protocol import Abort, Accepted, Control, Delta, Error, FinishReason, Message, Output
+from ..protocol import (
+    Abort,
+    Accepted,
+    Control,
+    Delta,
+    Error,
+    ErrorKind,
+    FinishReason,
+    Message,
+    Output,
+)
 from .loader import LoadedModel
 from .params import RequestError
 from .prompt_cache import PromptCache, plain
@@ -125,10 +135,8 @@ class Engine:
             return [
                 Error(
                     request_id=req.request_id,
-                    status=429,
+                    kind=ErrorKind.QUEUE_FULL,
                     message="the model's request queue is full; retry shortly",
-                    type="rate_limit_error",
-                    code="queue_full",
                     retry_after=1.0,
                 )
             ]
@@ -399,14 +407,9 @@ class Engine:
             if any(isinstance(v, Sequence) for v in victims):  # the decode batch was hit
                 self.runner.pending = None
                 self._next_inputs = None
-            status = exc.status if isinstance(exc, RequestError) else 500
+            kind = exc.kind if isinstance(exc, RequestError) else ErrorKind.INTERNAL
             return None, [
-                Error(
-                    request_id=rid,
-                    status=status,
-                    message=f"generation failed: {exc}",
-                    type="server_error" if status >= 500 else "invalid_request_error",
-                )
+                Error(request_id=rid, kind=kind, message=f"generation failed: {exc}")
                 for rid in rids
             ]
 

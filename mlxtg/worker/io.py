@@ -32,6 +32,7 @@ from ..protocol import (
     ControlOp,
     Delta,
     Error,
+    ErrorKind,
     FinishReason,
     Generate,
     Heartbeat,
@@ -221,9 +222,8 @@ class WorkerIO(threading.Thread):
             return None, [
                 Error(
                     request_id=rid,
-                    status=500,
+                    kind=ErrorKind.INTERNAL,
                     message=f"internal error while preparing the request: {exc}",
-                    type="server_error",
                 )
             ]
 
@@ -255,9 +255,8 @@ def _wake(push: zmq.Socket) -> None:
 def _error(request_id: str, exc: RequestError) -> Error:
     return Error(
         request_id=request_id,
-        status=exc.status,
+        kind=exc.kind,
         message=exc.message,
-        type=exc.type,
         param=exc.param,
         code=exc.code,
         retry_after=exc.retry_after,

@@ -11,25 +11,25 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..protocol import ErrorKind
+
 
 class RequestError(ValueError):
-    """A request the worker refuses; mapped to an OpenAI error with `status`."""
+    """A request the worker refuses; sent as an ERROR of its `kind`."""
 
     def __init__(
         self,
         message: str,
         param: str | None = None,
-        status: int = 400,
+        kind: ErrorKind = ErrorKind.INVALID_REQUEST,
         code: str | None = None,
-        type: str = "invalid_request_error",
         retry_after: float | None = None,
     ):
         super().__init__(message)
         self.message = message
         self.param = param
-        self.status = status
+        self.kind = kind
         self.code = code
-        self.type = type
         self.retry_after = retry_after
 
 
@@ -132,7 +132,7 @@ def resolve_max_tokens(
                 f"This model's maximum context length is {context_length} tokens, but the "
                 f"prompt has {some}{prompt_tokens} tokens, leaving no room to generate.",
                 param="messages",
-                code="context_length_exceeded",
+                kind=ErrorKind.CONTEXT_OVERFLOW,
             )
         return room
     if prompt_tokens + params.max_tokens > context_length:
@@ -142,6 +142,6 @@ def resolve_max_tokens(
             f"in the prompt, {params.max_tokens} for the completion). Please reduce the prompt or "
             f"{param}.",
             param=param,
-            code="context_length_exceeded",
+            kind=ErrorKind.CONTEXT_OVERFLOW,
         )
     return params.max_tokens

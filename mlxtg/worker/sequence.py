@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..protocol import Delta, FinishReason, LogprobEntry
+from ..protocol import Delta, ErrorKind, FinishReason, LogprobEntry
 from .sampler import RowState
 from .text import TextStream, TokenBytes
 
@@ -43,6 +43,7 @@ class Sequence:
     last_token: int = -1
     finish_reason: str | None = None
     prompt_logprobs: list[LogprobEntry] | None = None  # sent on the first delta, then dropped
+    error: str | None = None  # why it ended with finish_reason "error"
 
     @property
     def finished(self) -> bool:
@@ -68,8 +69,9 @@ class Sequence:
             if guide is not None:
                 try:
                     guide.consume(token)
-                except ValueError:
+                except ValueError as exc:  # the mask allowed a token the constraint refuses
                     reason = FinishReason.ERROR
+                    self.error = f"generation failed: {exc}"
                 if reason is None and guide.is_finished():
                     reason = FinishReason.STOP
             # 2. Text, with stop strings held back and cut.
@@ -122,6 +124,7 @@ class Sequence:
             text = content
             tool_calls = [c.to_wire() for c in calls] or None
         self.finish_reason = reason
+        failed = reason == FinishReason.ERROR
         return Delta(
             request_id=self.request_id,
             index=self.index,
@@ -133,6 +136,8 @@ class Sequence:
             completion_tokens=len(self.output),
             stop_sequence=self.text.matched if reason is not None else None,
             prompt_logprobs=self._take_prompt_logprobs(),
+            error_kind=ErrorKind.GENERATION_FAILED if failed else None,
+            error_message=self.error if failed else None,
         )
 
 
