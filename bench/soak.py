@@ -352,7 +352,7 @@ class Soak:
             except httpx.TimeoutException as exc:
                 outcome, detail = "client timeout", f"{type(exc).__name__} after {TIMEOUT:.0f}s"
             except httpx.TransportError as exc:
-                outcome, detail = f"transport {type(exc).__name__}", str(exc)
+                outcome, detail = f"transport {type(exc).__name__}", str(exc) or "connection reset or closed"
             except Exception as exc:  # noqa: BLE001 - e.g. a body that is not JSON: counted
                 outcome, detail = f"client {type(exc).__name__}", str(exc)
             self.tally.by_kind[kind][outcome] += 1
@@ -445,9 +445,9 @@ def report(soak: Soak, rows: list[dict[str, Any]], end: dict[str, Any], facts: d
     t, info = soak.tally, machine_info()
     L = [HEADING, "",
          f"Command: `make soak ARGS={shlex.quote(shlex.join(sys.argv[1:]))}` (`python -m bench.soak "
-         f"{facts['args']}`), {now_str()}, "
-         f"commit `{facts['commit']}`{facts.get('served', '')}. Machine: {info['cores']} CPU cores ({info['cpu']}), "
-         f"{info['ram_gb']} GB RAM, mlx {info['mlx']}, BLAS: {facts['blas']}; model "
+         f"{facts['args']}`), {now_str()}, commit `{facts['commit']}`{facts.get('served', '')}. "
+         f"Machine: {info['cores']} CPU cores ({info['cpu']}), {info['ram_gb']} GB RAM, mlx "
+         f"{info['mlx']}, BLAS: {facts['blas']}; model "
          f"`{facts['model']}`. The machine is shared with other engineers' test runs, so latencies "
          "are noisy; counts and checks are not.", "",
          f"{t.total()} requests in {end['wall_s']:.0f} s from {facts['clients']} clients, each looping "
@@ -462,7 +462,7 @@ def report(soak: Soak, rows: list[dict[str, Any]], end: dict[str, Any], facts: d
         errs = sum(v for k, v in c.items() if k not in OK)
         L.append(f"| {kind} | {sum(c.values())} | {c['ok']} | {c['disconnect']} | {c['refused']} | "
                  f"{errs} | {pct(s, 0.5):.2f} | {pct(s, 0.95):.2f} |")
-    L += ["", "Errors by type: " + ("**none**." if not t.errors else "")]
+    L += ["", "Errors by type:" + (" **none**." if not t.errors else "")]
     L += [f"- {kind}: {n} (e.g. {'; '.join(t.examples[kind])[:400]})" for kind, n in t.errors.most_common()]
     L += ["", f"Greedy identity: **{t.greedy_same} / {t.greedy_total}** soak outputs equal to the "
           f"solo output of the same prompt ({len(GREEDY)} prompts, chat and completions, streamed or "
