@@ -64,6 +64,9 @@ def main() -> int:
         port=settings.port,
         log_level="warning",
         timeout_graceful_shutdown=3,
+        # Well above clients' pool expiry (httpx: 5 s): at uvicorn's default of 5 s a
+        # client reusing a connection idle for ~4.99 s races the close and gets a reset.
+        timeout_keep_alive=65,
     )
     DrainingServer(config, app).run()
     return EXIT_CUT if app.state.drain.cut else 0
