@@ -7,14 +7,16 @@ the configured names and never triggers a download or a path lookup.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+import msgspec
 from pydantic import BaseModel, ConfigDict, Field
+
+from .protocol import ModelLoad
+from .quant import Quant
 
 DEMO_MODEL_PATH = Path(__file__).parent / "demo" / "model"
 DEMO_MODEL_NAME = "mlxtg-demo"
-
-Quant = Literal["none", "q8", "q6", "q4", "q3", "q2"]
 
 
 class ModelNotAvailable(RuntimeError):
@@ -22,7 +24,8 @@ class ModelNotAvailable(RuntimeError):
 
 
 class ModelSpec(BaseModel):
-    """One entry of models.yaml (the MLX-Textgen fields plus ours)."""
+    """One entry of models.yaml (the MLX-Textgen fields plus ours); on the wire it is a
+    protocol ModelLoad with the same fields."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True)
 
@@ -54,12 +57,12 @@ class ModelSpec(BaseModel):
     def source_path(self) -> str:
         return self.model_id_or_path
 
-    def to_wire(self) -> dict[str, Any]:
-        return self.model_dump(by_alias=True)
+    def to_wire(self) -> ModelLoad:
+        return ModelLoad(**self.model_dump())
 
     @classmethod
-    def from_wire(cls, data: dict[str, Any]) -> ModelSpec:
-        return cls.model_validate(data)
+    def from_wire(cls, load: ModelLoad) -> ModelSpec:
+        return cls.model_validate(msgspec.structs.asdict(load))
 
 
 def demo_spec() -> ModelSpec:

@@ -84,12 +84,26 @@ def test_create_config_template_parses_with_the_demo_model(tmp_path: Path):
 
 
 def test_prefill_mode_and_budgets_reach_the_worker_settings(tmp_path: Path):
-    from mlxtg.worker.settings import EngineSettings
+    from mlxtg.protocol import Config, EngineSettings, ModelLoad, decode, encode
 
     cfg = tmp_path / "models.yaml"
     cfg.write_text("batched_prefill: false\nidle_prefill_chunk: 4096\nmodels: []\n")
     s = build_settings(cfg, None, {})
     assert (s.batched_prefill, s.idle_prefill_chunk) == (False, 4096)
     assert build_settings(cfg, None, {"batched_prefill": True}).batched_prefill is True
-    wire = EngineSettings(batched_prefill=False, idle_prefill_chunk=4096).to_wire()
-    assert EngineSettings.from_wire(wire).batched_prefill is False
+    engine = EngineSettings(batched_prefill=False, idle_prefill_chunk=4096)
+    msg = Config(worker_id="w", model=ModelLoad(model_id_or_path="m"), engine=engine)
+    back = decode(encode(msg))
+    assert isinstance(back, Config) and back.engine == engine
+
+
+def test_a_model_spec_travels_as_a_typed_record_and_comes_back_equal():
+    from mlxtg.models import ModelSpec
+    from mlxtg.protocol import Config, EngineSettings, decode, encode
+
+    spec = ModelSpec.model_validate(
+        {"model_id_or_path": "/m", "model_name": "a", "quant": "q4", "model_config": {"x": 1}}
+    )
+    back = decode(encode(Config(worker_id="w", model=spec.to_wire(), engine=EngineSettings())))
+    assert isinstance(back, Config) and back.model.model_config_ == {"x": 1}
+    assert ModelSpec.from_wire(back.model) == spec

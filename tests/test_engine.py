@@ -34,7 +34,7 @@ class Harness:
 
     def request(self, rid: str, messages: list[dict], **params) -> Request:
         p = SamplingParams(temperature=0.0, max_tokens=12, **params)
-        return self.pre(Generate(request_id=rid, model="m", params=p.to_wire(), messages=messages))
+        return self.pre(Generate(request_id=rid, model="m", params=p, messages=messages))
 
     def run(self, reqs: list[Request]) -> tuple[dict[str, list[int]], dict[str, int]]:
         out: dict[str, list[int]] = {}

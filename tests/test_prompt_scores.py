@@ -41,7 +41,7 @@ def run(loaded, gens: list[Generate], busy: bool = False):
     pre = Preprocessor(loaded)
     inputs = [pre(g) for g in gens]
     if busy:  # other streams decoding around the scored prompt
-        p = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True).to_wire()
+        p = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
         inputs += [
             pre(Generate(request_id=f"other{i}", model="m", params=p, prompt=f"busy {i}"))
             for i in range(3)
@@ -68,7 +68,7 @@ def scored(rid: str, prompt, k: int = 3, max_tokens: int = 1, n: int = 1, **kw) 
     return Generate(
         request_id=rid,
         model="m",
-        params=p.to_wire(),
+        params=p,
         n=n,
         prompt=prompt if isinstance(prompt, str) else None,
         prompt_token_ids=prompt if isinstance(prompt, list) else None,

@@ -1,22 +1,33 @@
+import subprocess
+import sys
+from typing import Any
+
 import msgpack
 import pytest
 
 from mlxtg.protocol import (
     Abort,
     Accepted,
+    Config,
+    ConstraintKind,
     Control,
     ControlOp,
     ControlReply,
     Delta,
+    EngineSettings,
     Error,
     ErrorKind,
+    FinishReason,
     Generate,
+    GuidedSpec,
     Hello,
     LogprobEntry,
+    ModelLoad,
     MsgType,
     Output,
     ProtocolError,
     Ready,
+    SamplingParams,
     decode,
     encode,
 )
@@ -30,11 +41,17 @@ from mlxtg.protocol import (
         Generate(
             request_id="r",
             model="m",
-            params={"temperature": 0.0},
+            params=SamplingParams(temperature=0.0, logit_bias={5: -1.0}, stop=["x"]),
             messages=[{"role": "user", "content": "hi"}],
             n=2,
+            guided=GuidedSpec(ConstraintKind.REGEX, "a+", "guided_regex"),
         ),
-        Generate(request_id="r", model="m", params={}, prompt_token_ids=[1, 2, 3]),
+        Generate(request_id="r", model="m", params=SamplingParams(), prompt_token_ids=[1, 2, 3]),
+        Config(
+            worker_id="w",
+            model=ModelLoad(model_id_or_path="/m", quant="q4", model_config_={"rope": 1}),
+            engine=EngineSettings(max_batch=4),
+        ),
         Accepted(request_id="r", prompt_tokens=12, cached_tokens=8, cache_source="ram"),
         Error(request_id="r", kind=ErrorKind.QUEUE_FULL, message="full", retry_after=1.0),
         Abort(request_id="r"),
@@ -53,7 +70,13 @@ def test_output_with_nested_deltas_and_logprobs():
     out = Output(
         deltas=[
             Delta(request_id="a", index=0, text="hi", token_ids=[5], logprobs=[lp]),
-            Delta(request_id="b", index=1, finish_reason="stop", completion_tokens=3),
+            Delta(request_id="b", index=1, finish_reason=FinishReason.STOP, completion_tokens=3),
+            Delta(
+                request_id="c",
+                finish_reason=FinishReason.ERROR,
+                error_kind=ErrorKind.GENERATION_FAILED,
+                error_message="generation failed: token 9 violates the json constraint",
+            ),
         ]
     )
     back = decode(encode(out))
@@ -61,7 +84,89 @@ def test_output_with_nested_deltas_and_logprobs():
     assert back.deltas[0].logprobs is not None
     assert back.deltas[0].logprobs[0].token == "hi"
     assert back.deltas[0].logprobs[0].top[0][1] == -0.5
-    assert back.deltas[1].finish_reason == "stop"
+    assert back == out  # tuples stay tuples
+    assert back.deltas[1].finish_reason is FinishReason.STOP  # enums come back as enums
+    assert back.deltas[2].error_kind is ErrorKind.GENERATION_FAILED
+
+
+def test_enums_are_enums_after_decoding():
+    err = decode(encode(Error(request_id="r", kind=ErrorKind.UNAVAILABLE, message="x")))
+    ctl = decode(encode(Control(request_id="c", op=ControlOp.EVICT, args={"model": "m"})))
+    assert isinstance(err, Error) and err.kind is ErrorKind.UNAVAILABLE
+    assert isinstance(ctl, Control) and ctl.op is ControlOp.EVICT
+
+
+def _body(msg: Any) -> tuple[bytes, Any]:
+    frames = encode(msg)
+    return frames[0], msgpack.unpackb(frames[1], strict_map_key=False)
+
+
+def _gen() -> Generate:
+    spec = GuidedSpec(ConstraintKind.JSON, "{}", "guided_json")
+    return Generate(request_id="r", model="m", params=SamplingParams(), prompt="hi", guided=spec)
+
+
+def _config() -> Config:
+    return Config(worker_id="w", model=ModelLoad(model_id_or_path="/m"), engine=EngineSettings())
+
+
+def _output() -> Output:
+    lp = LogprobEntry(token="a", logprob=-1.0, bytes=[97], top=[("a", -1.0, [97])])
+    delta = Delta(request_id="r", token_ids=[1], logprobs=[lp], finish_reason=FinishReason.STOP)
+    return Output(deltas=[delta])
+
+
+def _set(path: tuple[Any, ...], value: Any) -> Any:
+    def change(body: Any) -> None:
+        node = body
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+
+    return change
+
+
+def _append(path: tuple[Any, ...], value: Any) -> Any:
+    def change(body: Any) -> None:
+        node = body
+        for key in path:
+            node = node[key]
+        node.append(value)
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("make", "change"),
+    [
+        (_gen, _set(("params", "evil"), 1)),  # unknown field in a nested struct
+        (_gen, _set(("params", "temperature"), "hot")),  # mistyped
+        (_gen, _set(("params", "logit_bias"), {"5": 1.0})),  # keys must be token ids
+        (_gen, _set(("params", "stop"), "x")),  # a list, not a string
+        (_gen, _set(("guided", "kind"), "yaml")),  # not a ConstraintKind
+        (_gen, _set(("guided", "extra"), True)),
+        (_config, _set(("model", "quant"), "q5")),
+        (_config, _set(("model", "evil"), 1)),
+        (_config, _set(("engine", "max_batch"), "32")),
+        (_config, _set(("engine", "evil"), 1)),
+        (_output, _append(("deltas", 0), None)),  # a delta with one field too many
+        (_output, _set(("deltas", 0, 1), "zero")),  # its index mistyped
+        (_output, _set(("deltas", 0, 6), "exploded")),  # finish_reason not a FinishReason
+        (_output, _set(("deltas", 0, 4, 0, 1), "low")),  # a logprob inside a delta
+        (_output, _append(("deltas", 0, 4, 0), [])),  # a logprob entry with a field too many
+        (
+            lambda: Error(request_id="r", kind=ErrorKind.INTERNAL, message="x"),
+            _set(("kind",), "oops"),
+        ),
+        (lambda: Control(request_id="c", op=ControlOp.STATUS), _set(("op",), "reboot")),
+    ],
+)
+def test_nested_unknown_or_mistyped_fields_are_protocol_errors(make, change):
+    mtype, body = _body(make())
+    assert decode([mtype, msgpack.packb(body)]) == make()  # unchanged, it decodes
+    change(body)
+    with pytest.raises(ProtocolError):
+        decode([mtype, msgpack.packb(body)])
 
 
 @pytest.mark.parametrize(
@@ -81,9 +186,15 @@ def test_malformed_frames_are_rejected(frames):
 
 
 def test_protocol_imports_nothing_heavy():
-    import subprocess
-    import sys
-
     code = "import sys, mlxtg.protocol; print(any(m.startswith(('mlx.', 'mlx_lm', 'numpy')) or m == 'mlx' for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_gateway_and_supervisor_import_nothing_from_the_worker():
+    code = (
+        "import sys, mlxtg.gateway.app, mlxtg.gateway.__main__, mlxtg.supervisor.core\n"
+        "print(sorted(m for m in sys.modules if m.startswith('mlxtg.worker')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

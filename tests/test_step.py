@@ -39,7 +39,7 @@ def request(loaded, rid, text, n=1, **params):
     msg = Generate(
         request_id=rid,
         model="m",
-        params=p.to_wire(),
+        params=p,
         n=n,
         messages=[{"role": "user", "content": text}],
     )

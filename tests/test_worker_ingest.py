@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import msgpack
 import pytest
 import zmq
 
@@ -18,6 +19,7 @@ from mlxtg.protocol import (
     Generate,
     Heartbeat,
     Output,
+    SamplingParams,
     decode,
     encode,
 )
@@ -65,7 +67,7 @@ def wired():
 
 
 def generate(rid: str, **kw) -> list[bytes]:
-    return encode(Generate(request_id=rid, model="m", params={}, prompt="hi", **kw))
+    return encode(Generate(request_id=rid, model="m", params=SamplingParams(), prompt="hi", **kw))
 
 
 def received(peer: zmq.Socket, until, limit: float = 10.0) -> list:
@@ -167,5 +169,8 @@ def test_a_malformed_generate_is_dropped_and_the_next_one_prepared(wired):
     io, peer, prep = wired
     peer.send_multipart([b"GENERATE", b"\xc1 not msgpack"])
     peer.send_multipart([b"GENERATE", encode(Abort(request_id="x"))[1]])  # wrong fields
+    body = msgpack.unpackb(generate("nested")[1])
+    body["params"]["temperature"] = "hot"  # mistyped inside a nested struct
+    peer.send_multipart([b"GENERATE", msgpack.packb(body)])
     peer.send_multipart(generate("fine"))
     assert inbox(io, 1) == ["request:fine"]

@@ -19,8 +19,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..protocol import Delta, Generate
-from ..worker.params import SamplingParams
+from ..protocol import Delta, Generate, SamplingParams
 from . import format as fmt
 from .deps import Client, Metrics
 from .errors import APIError, BadRequest, Unauthorized
@@ -197,7 +196,7 @@ def _generate(body: MessagesRequest, rid: str, max_tokens: int | None = None) ->
     return Generate(
         request_id=rid,
         model=body.model,
-        params=params.to_wire(),
+        params=params,
         messages=template_messages(body),
         tools=tools,
         tool_choice=choice,

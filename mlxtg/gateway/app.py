@@ -11,6 +11,7 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, Response
 
 from .. import __version__
+from ..protocol import ControlOp
 from . import openapi
 from .anthropic_routes import router as anthropic_router
 from .client import SupervisorClient
@@ -84,7 +85,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         if app.state.drain.active:
             return JSONResponse({"status": "draining"}, status_code=503)
         try:
-            status = (await client.control("status", timeout=2.0)).data
+            status = (await client.control(ControlOp.STATUS, timeout=2.0)).data
         except Unavailable as exc:
             return JSONResponse({"status": "unavailable", "reason": exc.message}, status_code=503)
         loaded = [m["name"] for m in status["models"] if m["state"] == "loaded"]
@@ -96,7 +97,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def metrics(client: Client, metrics: Metrics) -> Response:
         extra = b""
         with contextlib.suppress(Unavailable):
-            extra = _supervisor_metrics((await client.control("status", timeout=2.0)).data)
+            extra = _supervisor_metrics((await client.control(ControlOp.STATUS, timeout=2.0)).data)
         return Response(metrics.render(extra), media_type="text/plain; version=0.0.4")
 
     return app
@@ -109,12 +110,12 @@ def _admin_router() -> Any:
 
     @router.get("/v1/models")
     async def models(client: Client) -> dict[str, Any]:
-        status = (await client.control("status")).data
+        status = (await client.control(ControlOp.STATUS)).data
         return {"object": "list", "data": [_model_entry(m) for m in status["models"]]}
 
     @router.get("/v1/models/{model_id:path}")
     async def model(model_id: str, client: Client) -> dict[str, Any]:
-        status = (await client.control("status")).data
+        status = (await client.control(ControlOp.STATUS)).data
         for m in status["models"]:
             if m["name"] == model_id:
                 return _model_entry(m)
@@ -127,7 +128,7 @@ def _admin_router() -> Any:
 
     @router.get("/admin/status")
     async def admin_status(client: Client) -> dict[str, Any]:
-        data = (await client.control("status")).data
+        data = (await client.control(ControlOp.STATUS)).data
         import os
 
         data["gateway"] = {"pid": os.getpid()}
@@ -135,24 +136,26 @@ def _admin_router() -> Any:
 
     @router.post("/admin/evict", dependencies=[Depends(require_json)])
     async def admin_evict(client: Client, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        return _reply(await client.control("evict", {"model": (body or {}).get("model")}))
+        return _reply(await client.control(ControlOp.EVICT, {"model": (body or {}).get("model")}))
 
     @router.post("/admin/load", dependencies=[Depends(require_json)])
     async def admin_load(client: Client, body: dict[str, Any]) -> dict[str, Any]:
         if not body.get("model"):
             raise BadRequest("model is required", param="model")
-        return _reply(await client.control("load", {"model": body["model"]}, timeout=10.0))
+        return _reply(await client.control(ControlOp.LOAD, {"model": body["model"]}, timeout=10.0))
 
     @router.get("/admin/cache")
     async def admin_cache(client: Client) -> dict[str, Any]:
-        return _reply(await client.control("cache_stats"))
+        return _reply(await client.control(ControlOp.CACHE_STATS))
 
     @router.post("/admin/cache/clear", dependencies=[Depends(require_json)])
     async def admin_cache_clear(
         client: Client, body: dict[str, Any] | None = None
     ) -> dict[str, Any]:
         return _reply(
-            await client.control("cache_clear", {"model": (body or {}).get("model")}, timeout=30.0)
+            await client.control(
+                ControlOp.CACHE_CLEAR, {"model": (body or {}).get("model")}, timeout=30.0
+            )
         )
 
     return router

@@ -21,6 +21,7 @@ from ..protocol import (
     Abort,
     Accepted,
     Control,
+    ControlOp,
     ControlReply,
     Error,
     ErrorKind,
@@ -149,7 +150,7 @@ class SupervisorClient:
                     await self._send(Abort(request_id=msg.request_id))
 
     async def control(
-        self, op: str, args: dict[str, Any] | None = None, timeout: float = 5.0
+        self, op: ControlOp, args: dict[str, Any] | None = None, timeout: float = 5.0
     ) -> ControlReply:
         rid = f"{_CONTROL_PREFIX}{uuid.uuid4().hex}"
         q: asyncio.Queue[Message] = asyncio.Queue()

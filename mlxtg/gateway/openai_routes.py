@@ -16,7 +16,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from ..protocol import Delta, Generate
+from ..constraints import GuidedError, spec_from_request
+from ..protocol import Delta, Generate, GuidedSpec
 from . import format as fmt
 from .deps import Client, Metrics, Settings
 from .errors import APIError, BadRequest
@@ -28,17 +29,14 @@ from .streaming import KEEPALIVE_S, collect, open_stream, with_keepalive
 router = APIRouter(prefix="/v1")
 
 
-def _guided(body: Any) -> dict[str, Any] | None:
+def _guided(body: Any) -> GuidedSpec | None:
     fields = body.guided_body()
     if not fields:
         return None
-    from ..worker.guided import GuidedError, spec_from_request
-
     try:
-        spec = spec_from_request(fields)
+        return spec_from_request(fields)
     except GuidedError as exc:
         raise BadRequest(str(exc), param=exc.param) from exc
-    return spec.to_wire() if spec is not None else None
 
 
 @router.post("/chat/completions")
@@ -60,7 +58,7 @@ async def chat_completions(
     gen = Generate(
         request_id=rid,
         model=body.model,
-        params=body.params().to_wire(),
+        params=body.params(),
         messages=messages,
         tools=body.tools if body.effective_tool_choice() not in (None, "none") else None,
         tool_choice=body.effective_tool_choice(),
@@ -93,7 +91,7 @@ async def completions(
         "max_tokens",
     )
     rid = f"cmpl-{uuid.uuid4().hex[:24]}"
-    params = body.params().to_wire()
+    params = body.params()
     guided = _guided(body)
     gens = []
     for p, prompt in enumerate(prompts):

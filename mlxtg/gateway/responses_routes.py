@@ -19,8 +19,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import ConfigDict, Field
 
 from .. import paths
-from ..protocol import Generate
-from ..worker.params import SamplingParams
+from ..constraints import GuidedError, spec_from_request
+from ..protocol import Generate, GuidedSpec, SamplingParams
 from . import format as fmt
 from .deps import Client, Metrics
 from .errors import APIError, BadRequest, NotFound
@@ -139,7 +139,7 @@ def _tools(body: ResponsesRequest) -> tuple[Any, Any]:
     return (None if choice == "none" else tools), choice
 
 
-def _guided(body: ResponsesRequest) -> dict[str, Any] | None:
+def _guided(body: ResponsesRequest) -> GuidedSpec | None:
     spec_format = (body.text or {}).get("format") or {"type": "text"}
     kind = spec_format.get("type")
     if kind == "text":
@@ -155,15 +155,12 @@ def _guided(body: ResponsesRequest) -> dict[str, Any] | None:
         }
     else:
         raise BadRequest(f"unsupported text.format type {kind!r}", param="text.format")
-    from ..worker.guided import GuidedError, spec_from_request
-
     try:
-        spec = spec_from_request({"response_format": rf})
+        return spec_from_request({"response_format": rf})
     except GuidedError as exc:
         raise BadRequest(
             str(exc).replace("response_format", "text.format"), param="text.format"
         ) from exc
-    return spec.to_wire() if spec is not None else None
 
 
 # --- routes ----------------------------------------------------------------------------------
@@ -196,7 +193,7 @@ async def create(body: ResponsesRequest, request: Request, client: Client, metri
     gen = Generate(
         request_id=rid,
         model=body.model,
-        params=params.to_wire(),
+        params=params,
         messages=system + history + turn,
         tools=tools,
         tool_choice=choice if tools else None,

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..worker.params import SamplingParams
+from ..protocol import SamplingParams
 
 log = logging.getLogger("mlxtg.gateway")
 

@@ -13,8 +13,7 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import Field, model_validator
 
-from ..protocol import Accepted, Generate
-from ..worker.params import SamplingParams
+from ..protocol import Accepted, ControlOp, Generate, SamplingParams
 from .deps import Client
 from .errors import APIError, BadRequest, Unavailable
 from .run import Run
@@ -56,7 +55,7 @@ async def _model(client: Client, name: str | None) -> str:
     """The model a tokenizer route is for: the one named, else the first configured."""
     if name:
         return name
-    models = (await client.control("status")).data["models"]
+    models = (await client.control(ControlOp.STATUS)).data["models"]
     if not models:
         raise Unavailable("no model is configured")
     return str(models[0]["name"])
@@ -76,7 +75,7 @@ def _generate(model: str, **fields: Any) -> Generate:
     return Generate(
         request_id=f"tok-{uuid.uuid4().hex[:24]}",
         model=model,
-        params=SamplingParams(max_tokens=1).to_wire(),
+        params=SamplingParams(max_tokens=1),
         tokenize_only=True,
         **fields,
     )

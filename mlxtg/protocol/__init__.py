@@ -21,27 +21,33 @@ from .messages import (
     Output,
     Ready,
 )
+from .specs import ConstraintKind, EngineSettings, GuidedSpec, ModelLoad, SamplingParams
 
 __all__ = [
     "Abort",
     "Accepted",
     "Config",
+    "ConstraintKind",
     "Control",
     "ControlOp",
     "ControlReply",
     "Delta",
+    "EngineSettings",
     "Error",
     "ErrorKind",
     "FinishReason",
     "Generate",
+    "GuidedSpec",
     "Heartbeat",
     "Hello",
     "LogprobEntry",
     "Message",
+    "ModelLoad",
     "MsgType",
     "Output",
     "ProtocolError",
     "Ready",
+    "SamplingParams",
     "decode",
     "encode",
 ]

@@ -1,8 +1,12 @@
 """The closed set of messages exchanged between gateway, supervisor and workers.
 
-Every message is a slotted dataclass. On the wire it is two ZeroMQ frames: the message
-type (ascii) and a msgpack map of its fields (see `codec.py`). Nothing here imports MLX,
-so the protocol is unit-testable anywhere.
+Every message is a typed msgspec Struct, and so are the records inside one (specs.py:
+sampling parameters, constraint, model, engine settings); decoding refuses unknown or
+mistyped fields at any depth. The dicts left are the client's own JSON (chat messages,
+tools) passed through to the template, and free-form reports (heartbeat stats, control
+replies). On the wire a message is two ZeroMQ frames: the message type (ascii) and a
+msgpack map of its fields (see `codec.py`). Nothing here imports MLX, so the protocol is
+unit-testable anywhere.
 
 Flow of a generation:
     gateway --GENERATE--> supervisor --GENERATE--> worker
@@ -21,11 +25,13 @@ Operator control (status, evict, load, cache stats/clear, shutdown):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
 
+import msgspec
+
 from .errors import ErrorKind
+from .specs import EngineSettings, GuidedSpec, ModelLoad, Record, SamplingParams
 
 
 class MsgType(StrEnum):
@@ -63,34 +69,35 @@ class FinishReason(StrEnum):
     ERROR = "error"
 
 
-@dataclass(slots=True)
-class Message:
+class Message(Record):
     TYPE: ClassVar[MsgType]
-    # Fields holding nested messages: name -> (class, is_list). Used by the codec.
-    NESTED: ClassVar[dict[str, tuple[type, bool]]] = {}
+
+
+class Row(Message, array_like=True):
+    """A record sent many times inside one OUTPUT (deltas, logprobs), never alone: an array
+    of its field values, without the names, to keep per-step output small."""
+
+    TYPE: ClassVar[MsgType] = MsgType.OUTPUT
 
 
 # --- worker lifecycle -------------------------------------------------------------------
 
 
-@dataclass(slots=True)
 class Hello(Message):
     TYPE: ClassVar[MsgType] = MsgType.HELLO
     worker_id: str
     pid: int
 
 
-@dataclass(slots=True)
 class Config(Message):
     """The model a worker must load, and its engine settings (supervisor -> worker)."""
 
     TYPE: ClassVar[MsgType] = MsgType.CONFIG
     worker_id: str
-    model: dict[str, Any]  # a serialised ModelSpec (supervisor/config.py)
-    engine: dict[str, Any]  # a serialised EngineSettings (worker/settings.py)
+    model: ModelLoad
+    engine: EngineSettings
 
 
-@dataclass(slots=True)
 class Ready(Message):
     """The worker's facts once the model is loaded; `error` set when loading failed."""
 
@@ -105,28 +112,27 @@ class Ready(Message):
     error: str | None = None
 
 
-@dataclass(slots=True)
 class Heartbeat(Message):
     TYPE: ClassVar[MsgType] = MsgType.HEARTBEAT
     worker_id: str
-    stats: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 # --- generation ---------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
 class Generate(Message):
     """One generation request for one prompt (a completions prompt list is split by the
     gateway into one Generate per prompt). `n` choices share one prefill.
 
     Exactly one of `messages` (chat), `prompt` (text) or `prompt_token_ids` is set.
-    `params` is a serialised SamplingParams (worker/params.py)."""
+    `messages`, `tools`, `tool_choice` and `chat_template_kwargs` are the client's JSON,
+    passed through to the chat template."""
 
     TYPE: ClassVar[MsgType] = MsgType.GENERATE
     request_id: str
     model: str
-    params: dict[str, Any]
+    params: SamplingParams
     messages: list[dict[str, Any]] | None = None
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
@@ -136,7 +142,7 @@ class Generate(Message):
     n: int = 1
     parallel_tool_calls: bool = True
     stream: bool = False  # the client streams: tool-call arguments are sent incrementally
-    guided: dict[str, Any] | None = None  # a serialised GuidedSpec
+    guided: GuidedSpec | None = None
     cache_key: str | None = None  # OpenAI prompt_cache_key / user: keeps a session together
     # /tokenize and /detokenize: validate and tokenise (or decode `prompt_token_ids`), answer
     # with ACCEPTED carrying the result and a final delta, and generate nothing.
@@ -147,7 +153,6 @@ class Generate(Message):
     echo: bool = False
 
 
-@dataclass(slots=True)
 class Accepted(Message):
     """Sent once a request is validated and queued, before prefill starts."""
 
@@ -166,34 +171,27 @@ class Accepted(Message):
     )
 
 
-@dataclass(slots=True)
-class LogprobEntry(Message):
+class LogprobEntry(Row):
     """One token's log-probability and its top alternatives. A prompt's first token has
     none (`logprob` None): nothing came before it."""
 
-    TYPE: ClassVar[MsgType] = MsgType.OUTPUT  # never sent alone
     token: str
     logprob: float | None
     bytes: list[int]
-    top: list[tuple[str, float, list[int]]] = field(default_factory=list)
+    top: list[tuple[str, float, list[int]]] = msgspec.field(default_factory=list)
 
 
-@dataclass(slots=True)
-class Delta(Message):
+class Delta(Row):
     """What one choice of one request produced in one engine step."""
 
-    TYPE: ClassVar[MsgType] = MsgType.OUTPUT  # never sent alone
-    NESTED: ClassVar[dict[str, tuple[type, bool]]] = {
-        "logprobs": (LogprobEntry, True),
-        "prompt_logprobs": (LogprobEntry, True),
-    }
     request_id: str
     index: int = 0
     text: str = ""
-    token_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = msgspec.field(default_factory=list)
     logprobs: list[LogprobEntry] | None = None
+    # OpenAI tool-call fragments ({"index", "id", "type", "function": {...}}), as sent.
     tool_calls: list[dict[str, Any]] | None = None
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     # Set on the final delta of a choice.
     completion_tokens: int = 0
     stop_sequence: str | None = None  # the stop string that ended it, if one did
@@ -205,16 +203,13 @@ class Delta(Message):
     error_message: str | None = None
 
 
-@dataclass(slots=True)
 class Output(Message):
     """All deltas of one engine step (one message per step, not per token)."""
 
     TYPE: ClassVar[MsgType] = MsgType.OUTPUT
-    NESTED: ClassVar[dict[str, tuple[type, bool]]] = {"deltas": (Delta, True)}
     deltas: list[Delta]
 
 
-@dataclass(slots=True)
 class Error(Message):
     """A failed request, ending that request only. The gateway turns `kind` into each API's
     status and body; `code` overrides the kind's default machine-readable code."""
@@ -228,7 +223,6 @@ class Error(Message):
     retry_after: float | None = None
 
 
-@dataclass(slots=True)
 class Abort(Message):
     TYPE: ClassVar[MsgType] = MsgType.ABORT
     request_id: str
@@ -237,20 +231,18 @@ class Abort(Message):
 # --- control ------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
 class Control(Message):
     TYPE: ClassVar[MsgType] = MsgType.CONTROL
     request_id: str
-    op: str  # a ControlOp value
-    args: dict[str, Any] = field(default_factory=dict)
+    op: ControlOp
+    args: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
-@dataclass(slots=True)
 class ControlReply(Message):
     TYPE: ClassVar[MsgType] = MsgType.CONTROL_REPLY
     request_id: str
     ok: bool
-    data: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = msgspec.field(default_factory=dict)
     error: str | None = None
 
 

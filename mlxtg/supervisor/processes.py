@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from ..blas import find_fast_blas
 from ..models import ModelSpec
-from ..protocol import Config
-from ..worker.blas import find_fast_blas
-from ..worker.quantize import BITS
-from ..worker.settings import EngineSettings
+from ..protocol import Config, EngineSettings
+from ..quant import BITS
 from .config import ServerSettings
 
 log = logging.getLogger("mlxtg.supervisor")
@@ -82,7 +81,7 @@ def worker_config(handle: WorkerHandle, settings: ServerSettings) -> Config:
         cache_disk_bytes=int(pick(spec.cache_disk_gb, settings.cache_disk_gb) * gb),
         cache_slots=pick(spec.cache_slots, settings.cache_slots),
     )
-    return Config(worker_id=handle.worker_id, model=spec.to_wire(), engine=engine.to_wire())
+    return Config(worker_id=handle.worker_id, model=spec.to_wire(), engine=engine)
 
 
 def rss_bytes(pid: int) -> int | None:

@@ -1,9 +1,4 @@
-"""Which BLAS the MLX CPU backend uses, and where a fast one is.
-
-The `mlx[cpu]` wheel on Linux ships a reference BLAS (about 3.7 GFLOP/s for a 1024²
-matmul here); Debian's OpenBLAS preloaded gives about 135. The supervisor starts
-workers with `LD_PRELOAD` set to the first library found here unless told not to.
-"""
+"""Which BLAS this worker process actually uses (for its start-up log line and READY)."""
 
 from __future__ import annotations
 
@@ -11,22 +6,9 @@ import os
 import sys
 from pathlib import Path
 
-OPENBLAS_CANDIDATES = (
-    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3",
-    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libblas.so.3",
-    "/usr/lib64/libopenblas.so.0",
-    "/usr/lib/libopenblas.so.0",
-)
+from ..blas import OPENBLAS_CANDIDATES, find_fast_blas
 
-
-def find_fast_blas() -> str | None:
-    """Path of an OpenBLAS to preload on Linux, or None (macOS uses Accelerate/Metal)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    for candidate in OPENBLAS_CANDIDATES:
-        if Path(candidate).exists():
-            return candidate
-    return None
+__all__ = ["OPENBLAS_CANDIDATES", "describe_blas", "find_fast_blas"]
 
 
 def describe_blas() -> str:

@@ -1,6 +1,6 @@
 """Guided decoding (structured output): token masks from llguidance.
 
-Gateway: `spec_from_request` -> `GuidedSpec` (pure; heavy imports here are lazy). Worker: a
+The gateway makes the `GuidedSpec` (mlxtg/constraints.py; heavy imports here are lazy). A
 `GuidedCompiler` (cached) makes a `GuideState` per sequence; each step `fill_masks` computes
 all guided rows at once (GIL released), `apply_masks` applies them, then `consume`. JSON is
 compact by default: a weak model allowed free whitespace can emit it forever.
@@ -14,8 +14,12 @@ import re
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
+
+from ..constraints import GuidedError, load_schema, spec_from_request
+from ..protocol import ConstraintKind, GuidedSpec
+
+__all__ = ["GuidedCompiler", "GuidedError", "GuidedSpec", "GuideState", "spec_from_request"]
 
 if TYPE_CHECKING:
     import llguidance
@@ -23,123 +27,9 @@ if TYPE_CHECKING:
     import numpy as np
     from llguidance._lib import JsonCompileOptions
 
-KINDS = ("json", "json_object", "regex", "choice", "grammar")
-_SPEC_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
-_SO_KINDS = ("json", "regex", "choice", "grammar", "json_object")  # vLLM structured_outputs
 _DATA_KEYS = frozenset({"const", "enum", "default", "examples"})  # data, not subschemas
 _MAX_ERROR_CHARS = 600
 _STATS = ("compiles", "cache_hits", "compile_errors", "compile_ms_total", "compile_ms_max")
-
-
-class GuidedError(ValueError):
-    """A constraint that cannot be compiled or enforced (HTTP 400); `param` names the field."""
-
-    def __init__(self, message: str, param: str):
-        super().__init__(message)
-        self.message, self.param = message, param
-
-
-@dataclass(frozen=True, slots=True)
-class GuidedSpec:
-    """One output constraint. `value` by kind: json = schema as JSON text; json_object = "";
-    regex = pattern; choice = JSON list of strings; grammar = Lark or GBNF text."""
-
-    kind: str
-    value: str
-    param: str = "guided_json"
-    whitespace_pattern: str | None = None  # None = compact JSON (no free whitespace)
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS or not isinstance(self.value, str):
-            raise GuidedError(f"bad constraint kind {self.kind!r} or value type", self.param)
-
-    def to_wire(self) -> dict[str, Any]:
-        """Plain dict for msgpack."""
-        return asdict(self)
-
-    @classmethod
-    def from_wire(cls, d: dict[str, Any]) -> GuidedSpec:
-        """Inverse of `to_wire`."""
-        return cls(**{k: d[k] for k in ("kind", "value", "param", "whitespace_pattern") if k in d})
-
-
-def _load_schema(value: Any, param: str) -> dict[str, Any]:
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise GuidedError(f"JSON schema is not valid JSON: {e}", param) from None
-    if not isinstance(value, dict):
-        raise GuidedError("JSON schema must be a JSON object", param)
-    return value
-
-
-def _make_spec(kind: str, value: Any, param: str, close_objects: bool = True) -> GuidedSpec:
-    if kind == "json":
-        # Keys are not sorted: property order in the schema is the order the model writes.
-        from .schema_defaults import with_defaults
-
-        schema = with_defaults(_load_schema(value, param), close_objects=close_objects)
-        text = json.dumps(schema, ensure_ascii=False, separators=(",", ":"))
-        return GuidedSpec("json", text, param)
-    if kind == "choice":
-        if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
-            raise GuidedError("choice must be a non-empty list of strings", param)
-        return GuidedSpec("choice", json.dumps(value, ensure_ascii=False), param)
-    if kind == "json_object":
-        return GuidedSpec("json_object", "", param)
-    if not isinstance(value, str) or (kind == "grammar" and not value.strip()):
-        raise GuidedError(f"{kind} must be a non-empty string", param)
-    return GuidedSpec(kind, value, param)
-
-
-def _candidates(body: dict[str, Any]) -> list[tuple[str, str, Any]]:
-    """(param, kind, value) for every constraint the body sets."""
-    out = [(n, n.removeprefix("guided_"), body[n]) for n in _SPEC_FIELDS if body.get(n) is not None]
-    rf, p = body.get("response_format"), "response_format"
-    if rf is not None:
-        kind = rf.get("type") if isinstance(rf, dict) else None
-        js = rf.get("json_schema") if kind == "json_schema" else {}
-        if not isinstance(rf, dict) or not isinstance(js, dict):
-            raise GuidedError("response_format (and its json_schema) must be an object", p)
-        if kind == "json_object" or (kind == "json_schema" and js.get("schema") is None):
-            out.append((p, "json_object", ""))  # OpenAI: json_schema.schema is optional
-        elif kind == "json_schema":
-            out.append((p, "json", js["schema"]))
-        elif kind not in (None, "text"):
-            raise GuidedError(f"unsupported response_format type {kind!r}", p)
-    so, p = body.get("structured_outputs"), "structured_outputs"
-    if so is not None:
-        if not isinstance(so, dict):
-            raise GuidedError("structured_outputs must be an object", p)
-        if so.get("structural_tag") is not None:
-            raise GuidedError("structured_outputs.structural_tag is not supported", p)
-        keys = [k for k in _SO_KINDS if so.get(k) is not None and so[k] is not False]
-        out += [(p, k, so[k]) for k in keys]
-    return out
-
-
-def spec_from_request(body: dict[str, Any]) -> GuidedSpec | None:
-    """The one constraint an OpenAI/vLLM request body asks for, or None.
-
-    Accepts guided_json / guided_regex / guided_choice / guided_grammar, response_format
-    (json_object, json_schema, text), vLLM's structured_outputs and guided_whitespace_pattern.
-    Fields set to null count as absent. JSON schemas get closed objects and 64-bit integers
-    by default (schema_defaults.py). Raises GuidedError naming the field for conflicting
-    or malformed constraints."""
-    found = _candidates(body)
-    if len(found) > 1:
-        names = ", ".join(f"{p}.{k}" if p == "structured_outputs" else p for p, k, _ in found)
-        raise GuidedError(f"only one output constraint may be given, got: {names}", found[1][0])
-    so = body.get("structured_outputs") or {}
-    ws = body.get("guided_whitespace_pattern", so.get("whitespace_pattern"))
-    if ws is not None and not isinstance(ws, str):
-        raise GuidedError("whitespace pattern must be a string", "guided_whitespace_pattern")
-    if not found:
-        return None
-    close = not body.get("guided_allow_additional_properties")
-    spec = _make_spec(found[0][1], found[0][2], found[0][0], close_objects=close)
-    return GuidedSpec(spec.kind, spec.value, spec.param, ws) if ws is not None else spec
 
 
 def _strip_format(node: Any, fmt: str) -> Any:
@@ -265,7 +155,7 @@ class GuidedCompiler:
             raise GuidedError(hit, spec.param)
         return hit
 
-    def _compile(self, kind: str, value: str, whitespace_pattern: str | None) -> Any:
+    def _compile(self, kind: ConstraintKind, value: str, whitespace_pattern: str | None) -> Any:
         """A pristine matcher, or the error message as a str."""
         import llguidance as llg
 
@@ -274,7 +164,7 @@ class GuidedCompiler:
         result: Any
         try:
             is_json = kind in ("json", "json_object")
-            schema = _load_schema(value or '{"type":"object"}', "") if is_json else None
+            schema = load_schema(value or '{"type":"object"}', "") if is_json else None
             for _ in range(10):  # each pass drops one format llguidance does not know
                 grammar = _grammar(spec, schema)
                 m = llg.LLMatcher(self.lltok, grammar, log_level=0, limits=self._limits)

@@ -22,6 +22,7 @@ import zmq
 from ..lifeline import exit_with_parent
 from ..protocol import (
     Config,
+    EngineSettings,
     Hello,
     Ready,
     decode,
@@ -30,7 +31,6 @@ from ..protocol import (
 from .blas import describe_blas
 from .io import Shutdown, WorkerIO
 from .scheduler import Scheduler
-from .settings import EngineSettings
 
 log = logging.getLogger("mlxtg.worker")
 
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if not isinstance(config, Config):
         log.error("expected CONFIG, got %s", type(config).__name__)
         return 2
-    settings = EngineSettings.from_wire(config.engine)
+    settings = config.engine
 
     # 2. Load the model; a failure is reported, not raised.
     try:
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             encode(
                 Ready(
                     worker_id=args.worker_id,
-                    model=str(config.model.get("model_name")),
+                    model=config.model.model_name or config.model.model_id_or_path,
                     error=str(exc),
                 )
             )

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from functools import cache, partial
 from typing import Any
 
-from ..protocol import Accepted, Generate
+from ..protocol import Accepted, ConstraintKind, Generate, GuidedSpec
 from .loader import LoadedModel
-from .params import RequestError, SamplingParams, resolve_max_tokens
+from .params import RequestError, SamplingParams, check_params, resolve_max_tokens
 from .scheduler import Request
 from .sequence import RequestPayload
 from .tool_calls import detect_format, make_parser
@@ -42,13 +42,8 @@ class Preprocessor:
     def __call__(self, msg: Generate) -> Request:
         if msg.n < 1:
             raise RequestError("n must be at least 1", param="n")
-        try:
-            params = SamplingParams.from_wire(msg.params, self.loaded.vocab_size)
-        except RequestError:
-            raise
-        except (TypeError, ValueError) as exc:
-            raise RequestError(f"invalid sampling parameters: {exc}") from exc
-        params.validate_against(self.loaded.vocab_size)
+        params = msg.params
+        check_params(params, self.loaded.vocab_size)
 
         tools_active = bool(msg.tools) and msg.tool_choice != "none"
         if msg.tools:
@@ -204,19 +199,15 @@ class Preprocessor:
     def _guide(self, msg: Generate, tools_active: bool) -> Any:
         spec = None
         if tools_active and forces_call(msg.tool_choice):
-            from .guided import GuidedSpec
-
             try:
                 lark = self._tool_grammar(msg, msg.tool_choice)
             except ValueError as exc:
                 raise RequestError(str(exc), param="tool_choice") from exc
-            spec = GuidedSpec(kind="grammar", value=lark, param="tool_choice")
+            spec = GuidedSpec(kind=ConstraintKind.GRAMMAR, value=lark, param="tool_choice")
         elif tools_active and msg.guided is None and self.guided is not None:
             # tool_choice "auto": free text, but a call the model opens is held to the
             # declared names and schemas (a lazy grammar). A strict tool must be enforceable;
             # for the others an unsupported schema only means the calls go unconstrained.
-            from .guided import GuidedSpec
-
             try:
                 lark = self._tool_grammar(msg, "auto")
             except ValueError as exc:
@@ -224,11 +215,9 @@ class Preprocessor:
                     raise RequestError(str(exc), param="tools") from exc
                 log.info("tool calls left unconstrained: %s", exc)
             else:
-                spec = GuidedSpec(kind="grammar", value=lark, param="tools")
+                spec = GuidedSpec(kind=ConstraintKind.GRAMMAR, value=lark, param="tools")
         elif msg.guided is not None:
-            from .guided import GuidedSpec
-
-            spec = GuidedSpec.from_wire(msg.guided)
+            spec = msg.guided
         if spec is None:
             return None
         if self.guided is None:

@@ -14,10 +14,9 @@ import time
 from pathlib import Path
 
 from .. import paths
+from ..quant import BITS
 
 log = logging.getLogger("mlxtg.worker")
-
-BITS = {"q8": 8, "q6": 6, "q4": 4, "q3": 3, "q2": 2}
 
 
 def source_digest(src: Path) -> str:

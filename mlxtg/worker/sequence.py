@@ -41,7 +41,7 @@ class Sequence:
     parser: Any = None  # ToolCallParser or None
     output: list[int] = field(default_factory=list)
     last_token: int = -1
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     prompt_logprobs: list[LogprobEntry] | None = None  # sent on the first delta, then dropped
     error: str | None = None  # why it ended with finish_reason "error"
 
@@ -56,7 +56,7 @@ class Sequence:
         params = self.row.params
         guide = self.row.guide
         text = ""
-        reason: str | None = None
+        reason: FinishReason | None = None
 
         # 1. End of sequence token: stops, emits no text (and no logprobs entry, so that the
         # entries' tokens join to exactly the text). A scored prompt keeps it: log-likelihood
@@ -93,7 +93,7 @@ class Sequence:
         prefilled, and scored when asked)."""
         return self._finish_delta(FinishReason.LENGTH)
 
-    def _finish_delta(self, reason: str) -> Delta:
+    def _finish_delta(self, reason: FinishReason) -> Delta:
         self.finish_reason = reason
         return Delta(
             request_id=self.request_id,
@@ -108,7 +108,7 @@ class Sequence:
         return entries
 
     def _delta(
-        self, token: int, text: str, reason: str | None, logprobs: LogprobEntry | None
+        self, token: int, text: str, reason: FinishReason | None, logprobs: LogprobEntry | None
     ) -> Delta:
         tool_calls = None
         if self.parser is not None:

@@ -109,7 +109,7 @@ def _args_schema(fn: dict[str, Any]) -> dict[str, Any]:
     # Like OpenAI's strict mode: a constrained call names only the declared arguments, at
     # every level, and integers fit in 64 bits (a tool that wants free-form keys says so
     # with "additionalProperties").
-    from .schema_defaults import with_defaults
+    from ..schema_defaults import with_defaults
 
     schema = with_defaults(schema)
     # A strict tool promises its schema exactly: keywords llguidance cannot enforce are
