@@ -49,7 +49,8 @@ STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_
 
 class AnthropicMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: Literal["user", "assistant"]
+    # "system" mid-conversation: Claude Code sends it (beta mid-conversation-system).
+    role: Literal["user", "assistant", "system"]
     content: str | list[dict[str, Any]]
 
 
@@ -90,15 +91,36 @@ class CountTokensRequest(BaseModel):
 # --- request -> GENERATE ------------------------------------------------------------------
 
 
-def _text(blocks: str | list[dict[str, Any]], where: str) -> str:
+IMAGE_OMITTED = "[image omitted: this model reads text only]"
+
+
+def _text(blocks: str | list[dict[str, Any]], where: str, images_ok: bool = False) -> str:
+    """The text of a string or of text blocks. With `images_ok` (tool results: a tool that
+    read a PNG must not end the agent's turn), image and document blocks become a note."""
     if isinstance(blocks, str):
         return blocks
     out = []
     for b in blocks:
-        if b.get("type") != "text":
+        if images_ok and b.get("type") in ("image", "document"):
+            out.append(IMAGE_OMITTED)
+        elif b.get("type") != "text":
             raise BadRequest(f"{where}: only text blocks are supported here", param=where)
-        out.append(str(b.get("text", "")))
+        else:
+            out.append(str(b.get("text", "")))
     return "".join(out)
+
+
+def _fold_system(out: list[dict[str, Any]], text: str, pending: list[str]) -> None:
+    """A system message inside `messages` joins the user turn beside it as a
+    <system-reminder> (what Claude Code itself does without the beta): the prompt's prefix,
+    and so the prompt cache, stays as it was, and strict chat templates that allow a system
+    message only first still render."""
+    reminder = f"<system-reminder>\n{text}\n</system-reminder>"
+    last = out[-1] if out else None
+    if last is not None and last["role"] == "user" and isinstance(last.get("content"), str):
+        last["content"] = f"{last['content']}\n\n{reminder}" if last["content"] else reminder
+    else:
+        pending.append(reminder)  # the next user turn starts with it
 
 
 def template_messages(body: MessagesRequest | CountTokensRequest) -> list[dict[str, Any]]:
@@ -106,10 +128,15 @@ def template_messages(body: MessagesRequest | CountTokensRequest) -> list[dict[s
     out: list[dict[str, Any]] = []
     if body.system:
         out.append({"role": "system", "content": _text(body.system, "system")})
+    pending: list[str] = []  # system reminders waiting for the next user turn
     for i, m in enumerate(body.messages):
         where = f"messages.{i}.content"
+        if m.role == "system":
+            _fold_system(out, _text(m.content, where), pending)
+            continue
         if isinstance(m.content, str):
             out.append({"role": m.role, "content": m.content})
+            _prepend_pending(out[-1], pending)
             continue
         texts: list[str] = []
         calls: list[dict[str, Any]] = []
@@ -132,7 +159,7 @@ def template_messages(body: MessagesRequest | CountTokensRequest) -> list[dict[s
                     {
                         "role": "tool",
                         "tool_call_id": b.get("tool_use_id"),
-                        "content": _text(content, where),
+                        "content": _text(content, where, images_ok=True),
                     }
                 )
             elif kind in ("thinking", "redacted_thinking"):
@@ -148,7 +175,16 @@ def template_messages(body: MessagesRequest | CountTokensRequest) -> list[dict[s
             if calls:
                 msg["tool_calls"] = calls
             out.append(msg)
+            _prepend_pending(msg, pending)
+    if pending:
+        out.append({"role": "user", "content": "\n\n".join(pending)})
     return out
+
+
+def _prepend_pending(msg: dict[str, Any], pending: list[str]) -> None:
+    if pending and msg["role"] == "user":
+        msg["content"] = "\n\n".join([*pending, msg["content"]] if msg["content"] else pending)
+        pending.clear()
 
 
 def openai_tools(body: MessagesRequest | CountTokensRequest) -> tuple[Any, Any, bool]:

@@ -10,6 +10,7 @@ so `previous_response_id` continues it and reuses the prompt cache of the turn b
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -29,6 +30,8 @@ from .response_store import ResponseStore
 from .run import Run
 from .schemas import NullMeansDefault
 from .streaming import collect, open_stream, with_keepalive
+
+log = logging.getLogger("mlxtg.gateway")
 
 router = APIRouter(prefix="/v1")
 
@@ -64,11 +67,34 @@ def _store(request: Request) -> ResponseStore:
 # --- request -> GENERATE ------------------------------------------------------------------
 
 
-def _content_text(content: Any, where: str) -> str:
+# Tools the model cannot call here: OpenAI runs them server side, and a local model has no
+# search index, sandbox or browser. Requests that offer them are served without them.
+HOSTED_TOOLS = (
+    "web_search",
+    "web_search_preview",
+    "file_search",
+    "code_interpreter",
+    "image_generation",
+    "computer_use",
+    "computer_use_preview",
+    "mcp",
+    "tool_search",
+)
+# Input items that record what such tools did: nothing for the model to read back.
+SKIPPED_ITEMS = ("reasoning", "web_search_call", "file_search_call", "tool_search_call")
+IMAGE_OMITTED = "[image omitted: this model reads text only]"
+
+
+def _content_text(content: Any, where: str, images_ok: bool = False) -> str:
+    """Text parts joined. With `images_ok` (a tool's output: Codex's view_image must not
+    end the turn), image and file parts become a note instead of a 400."""
     if isinstance(content, str):
         return content
     texts = []
     for part in content or []:
+        if images_ok and part.get("type") in ("input_image", "input_file"):
+            texts.append(IMAGE_OMITTED)
+            continue
         if part.get("type") not in ("input_text", "output_text", "text"):
             raise BadRequest(
                 f"{where}: content type {part.get('type')!r} is not supported (text only)",
@@ -105,24 +131,43 @@ def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
                 out.append({"role": "assistant", "content": "", "tool_calls": [call]})
         elif kind == "function_call_output":
             output = item.get("output", "")
-            text = output if isinstance(output, str) else _content_text(output, where)
+            text = output if isinstance(output, str) else _content_text(output, where, True)
             out.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": text})
-        elif kind == "reasoning":
+        elif kind in SKIPPED_ITEMS:
             continue
         else:
             raise BadRequest(f"{where}: unsupported input item type {kind!r}", param=where)
     return out
 
 
+def _function_tools(tools: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
+    """Declared tools as chat-template function tools. A `namespace` (Codex groups its
+    multi-agent tools in one) contributes its functions; hosted tools are left out."""
+    out: list[dict[str, Any]] = []
+    for i, t in enumerate(tools):
+        kind = t.get("type")
+        if kind == "function" and t.get("name"):
+            fn = {k: t[k] for k in ("name", "description", "parameters", "strict") if k in t}
+            out.append({"type": "function", "function": fn})
+        elif kind == "namespace" and isinstance(t.get("tools"), list):
+            out += _function_tools(t["tools"], f"{where}.{i}.tools")
+        elif kind in HOSTED_TOOLS:
+            log.debug("%s.%d: hosted tool %r is not available here; left out", where, i, kind)
+        else:
+            raise BadRequest(
+                f"{where}.{i}: tools of type {kind!r} are not supported (function and namespace "
+                f"tools are; hosted tools such as web_search are left out)",
+                param=where,
+            )
+    return out
+
+
 def _tools(body: ResponsesRequest) -> tuple[Any, Any]:
     if not body.tools:
         return None, None
-    tools = []
-    for t in body.tools:
-        if t.get("type") != "function" or not t.get("name"):
-            raise BadRequest("only function tools with a name are supported", param="tools")
-        fn = {k: t[k] for k in ("name", "description", "parameters", "strict") if k in t}
-        tools.append({"type": "function", "function": fn})
+    tools = _function_tools(body.tools, "tools")
+    if not tools:  # only hosted tools: serve the request as if it had none
+        return None, None
     choice = body.tool_choice or "auto"
     if isinstance(choice, dict):
         if choice.get("type") != "function" or not choice.get("name"):
