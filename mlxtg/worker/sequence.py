@@ -83,6 +83,8 @@ class Sequence:
             reason = FinishReason.LENGTH
         if reason is not None and not self.text.stopped:
             text += self.text.finish()
+        if logprobs is not None and len(self.output) == 1 and self.text.trims_first_space:
+            logprobs = _without_leading_space(logprobs)
         return self._delta(token, text, reason, logprobs)
 
     def abort(self) -> Delta:
@@ -139,6 +141,15 @@ class Sequence:
             error_kind=ErrorKind.GENERATION_FAILED if failed else None,
             error_message=self.error if failed else None,
         )
+
+
+def _without_leading_space(entry: LogprobEntry) -> LogprobEntry:
+    """The entry of a chat reply's first token, minus the space its text lost; the
+    alternatives lose theirs too, as they would have had they been chosen."""
+    if not entry.bytes or entry.bytes[0] != 0x20:
+        return entry
+    top = [(t[1:], lp, b[1:]) if b[:1] == [0x20] else (t, lp, b) for t, lp, b in entry.top]
+    return LogprobEntry(token=entry.token[1:], logprob=entry.logprob, bytes=entry.bytes[1:], top=top)
 
 
 def logprob_entry(

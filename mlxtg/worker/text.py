@@ -20,7 +20,16 @@ class TextStream:
     mlx-lm's behaviour (no leading space), as mlx_lm.server does.
     """
 
-    __slots__ = ("_detok", "_stops", "_pending", "stopped", "matched", "_bytes", "_space")
+    __slots__ = (
+        "_detok",
+        "_stops",
+        "_pending",
+        "stopped",
+        "matched",
+        "_bytes",
+        "_space",
+        "trims_first_space",
+    )
 
     def __init__(self, detokenizer: Any, stops: list[str], token_bytes: Any = None):
         self._detok = detokenizer
@@ -30,6 +39,12 @@ class TextStream:
         self.matched: str | None = None  # the stop string that ended the text
         self._bytes = None  # set while the first token with bytes is awaited
         self._space = False  # the first text still owes its leading space
+        # Chat: the detokenizer drops the reply's first leading space, so the first
+        # logprobs entry must drop it too for the entries to join to the text.
+        self.trims_first_space = token_bytes is None and (
+            bool(getattr(detokenizer, "trim_space", False))
+            or type(detokenizer).__name__ == "BPEStreamingDetokenizer"
+        )
         if token_bytes is not None:
             if hasattr(detokenizer, "trim_space"):  # SentencePiece: trimming is optional
                 detokenizer.trim_space = False
