@@ -28,6 +28,7 @@ from mlxtg.protocol import (
     ProtocolError,
     Ready,
     SamplingParams,
+    ToolCallFragment,
     decode,
     encode,
 )
@@ -112,7 +113,14 @@ def _config() -> Config:
 
 def _output() -> Output:
     lp = LogprobEntry(token="a", logprob=-1.0, bytes=[97], top=[("a", -1.0, [97])])
-    delta = Delta(request_id="r", token_ids=[1], logprobs=[lp], finish_reason=FinishReason.STOP)
+    call = ToolCallFragment(0, "call_1", "get_weather", "{")
+    delta = Delta(
+        request_id="r",
+        token_ids=[1],
+        logprobs=[lp],
+        tool_calls=[call],
+        finish_reason=FinishReason.STOP,
+    )
     return Output(deltas=[delta])
 
 
@@ -154,6 +162,8 @@ def _append(path: tuple[Any, ...], value: Any) -> Any:
         (_output, _set(("deltas", 0, 6), "exploded")),  # finish_reason not a FinishReason
         (_output, _set(("deltas", 0, 4, 0, 1), "low")),  # a logprob inside a delta
         (_output, _append(("deltas", 0, 4, 0), [])),  # a logprob entry with a field too many
+        (_output, _set(("deltas", 0, 5, 0, 3), 7)),  # tool-call arguments must be text
+        (_output, _append(("deltas", 0, 5, 0), "x")),  # a tool-call piece with a field too many
         (
             lambda: Error(request_id="r", kind=ErrorKind.INTERNAL, message="x"),
             _set(("kind",), "oops"),

@@ -12,7 +12,6 @@ import pytest
 from mlxtg.worker.tool_calls import (
     FORMATS,
     ParsedDelta,
-    ToolCallDelta,
     detect_format,
     make_parser,
 )
@@ -167,17 +166,25 @@ def test_arguments_stream_incrementally() -> None:
     assert len(fragments) > 10  # char by char, not in one piece at the end
     first = next(t for p in pieces for t in p.tool_calls)
     # the announcing piece already carries the arguments text available (here the brace)
-    assert first.to_wire() == {
+    assert (first.index, first.name, first.arguments) == (0, "get_weather", "{")
+    assert first.id is not None and first.id.startswith("call_")
+    assert parser.calls[0].to_wire()["function"]["arguments"] == "".join(fragments)
+
+
+def test_fragments_reach_clients_in_openai_shape() -> None:
+    from mlxtg.gateway.format import openai_fragment
+    from mlxtg.protocol import ToolCallFragment
+
+    assert openai_fragment(ToolCallFragment(0, "call_1", "get_weather", "{")) == {
         "index": 0,
-        "id": first.id,
+        "id": "call_1",
         "type": "function",
         "function": {"name": "get_weather", "arguments": "{"},
     }
-    assert ToolCallDelta(0, arguments='{"a').to_wire() == {
+    assert openai_fragment(ToolCallFragment(0, arguments='{"a')) == {
         "index": 0,
         "function": {"arguments": '{"a'},
     }
-    assert parser.calls[0].to_wire()["function"]["arguments"] == "".join(fragments)
 
 
 @pytest.mark.parametrize(

@@ -362,22 +362,21 @@ class _Blocks:
                 )
             )
         for frag in delta.tool_calls or ():
-            fn = frag.get("function") or {}
-            if frag.get("id") or self.open != "tool":
+            if frag.id or self.open != "tool":
                 block: dict[str, Any] = {
                     "type": "tool_use",
-                    "id": frag.get("id") or f"toolu_{uuid.uuid4().hex[:20]}",
-                    "name": fn.get("name") or "",
+                    "id": frag.id or f"toolu_{uuid.uuid4().hex[:20]}",
+                    "name": frag.name or "",
                     "input": {},
                 }
                 out += self._start("tool", block)
-            if fn.get("arguments"):
+            if frag.arguments:
                 out.append(
                     _event(
                         "content_block_delta",
                         {
                             "index": self.index,
-                            "delta": {"type": "input_json_delta", "partial_json": fn["arguments"]},
+                            "delta": {"type": "input_json_delta", "partial_json": frag.arguments},
                         },
                     )
                 )

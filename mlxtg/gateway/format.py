@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..protocol import Delta, LogprobEntry
+from ..protocol import Delta, LogprobEntry, ToolCallFragment
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
@@ -81,15 +81,14 @@ class ChoiceAccumulator:
             self.prompt_logprobs = delta.prompt_logprobs
         for frag in delta.tool_calls or ():
             call = self.tool_calls.setdefault(
-                frag["index"],
+                frag.index,
                 {"id": None, "type": "function", "function": {"name": None, "arguments": ""}},
             )
-            fn = frag.get("function") or {}
-            if frag.get("id"):
-                call["id"] = frag["id"]
-            if fn.get("name"):
-                call["function"]["name"] = fn["name"]
-            call["function"]["arguments"] += fn.get("arguments") or ""
+            if frag.id:
+                call["id"] = frag.id
+            if frag.name:
+                call["function"]["name"] = frag.name
+            call["function"]["arguments"] += frag.arguments
         if delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason
             self.completion_tokens = delta.completion_tokens
@@ -142,13 +141,26 @@ def chat_chunk(
 
 
 def chat_delta(delta: Delta) -> dict[str, Any]:
-    """A stream chunk's delta; tool-call fragments already come in OpenAI's shape
-    ({index, id?, type?, function: {name?, arguments}}) from the worker's parser."""
+    """A stream chunk's delta."""
     out: dict[str, Any] = {}
     if delta.text:
         out["content"] = delta.text
     if delta.tool_calls:
-        out["tool_calls"] = delta.tool_calls
+        out["tool_calls"] = [openai_fragment(f) for f in delta.tool_calls]
+    return out
+
+
+def openai_fragment(frag: ToolCallFragment) -> dict[str, Any]:
+    """OpenAI's streamed tool-call piece: {index, id?, type?, function: {name?, arguments}}."""
+    out: dict[str, Any] = {"index": frag.index}
+    fn: dict[str, str] = {}
+    if frag.id is not None:
+        out["id"] = frag.id
+        out["type"] = "function"
+    if frag.name is not None:
+        fn["name"] = frag.name
+    fn["arguments"] = frag.arguments
+    out["function"] = fn
     return out
 
 

@@ -441,23 +441,23 @@ async def _stream(
                         delta=delta.text,
                     )
                 for frag in delta.tool_calls or ():
-                    call = acc.tool_calls[frag["index"]]
-                    if frag["index"] not in calls:
-                        calls[frag["index"]], next_index = next_index, next_index + 1
+                    call = acc.tool_calls[frag.index]
+                    if frag.index not in calls:
+                        calls[frag.index], next_index = next_index, next_index + 1
                         opened = _call_item(
                             dict(call, function=dict(call["function"], arguments="")), "in_progress"
                         )
                         yield ev(
                             "response.output_item.added",
-                            output_index=calls[frag["index"]],
+                            output_index=calls[frag.index],
                             item=opened,
                         )
-                    piece = (frag.get("function") or {}).get("arguments")
+                    piece = frag.arguments
                     if piece:
                         yield ev(
                             "response.function_call_arguments.delta",
                             item_id=f"fc_{call['id']}",
-                            output_index=calls[frag["index"]],
+                            output_index=calls[frag.index],
                             delta=piece,
                         )
             final = finish(acc)

@@ -20,6 +20,7 @@ from .messages import (
     MsgType,
     Output,
     Ready,
+    ToolCallFragment,
 )
 from .specs import ConstraintKind, EngineSettings, GuidedSpec, ModelLoad, SamplingParams
 
@@ -48,6 +49,7 @@ __all__ = [
     "ProtocolError",
     "Ready",
     "SamplingParams",
+    "ToolCallFragment",
     "decode",
     "encode",
 ]

@@ -181,6 +181,16 @@ class LogprobEntry(Row):
     top: list[tuple[str, float, list[int]]] = msgspec.field(default_factory=list)
 
 
+class ToolCallFragment(Row):
+    """One streamed piece of a tool call. The first piece of a call carries `id` and `name`;
+    the `arguments` pieces of one `index` join to the call's arguments JSON text."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
 class Delta(Row):
     """What one choice of one request produced in one engine step."""
 
@@ -189,8 +199,7 @@ class Delta(Row):
     text: str = ""
     token_ids: list[int] = msgspec.field(default_factory=list)
     logprobs: list[LogprobEntry] | None = None
-    # OpenAI tool-call fragments ({"index", "id", "type", "function": {...}}), as sent.
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCallFragment] | None = None
     finish_reason: FinishReason | None = None
     # Set on the final delta of a choice.
     completion_tokens: int = 0

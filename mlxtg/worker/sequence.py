@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..protocol import Delta, ErrorKind, FinishReason, LogprobEntry
+from ..protocol import Delta, ErrorKind, FinishReason, LogprobEntry, ToolCallFragment
 from .sampler import RowState
 from .text import TextStream, TokenBytes
 
@@ -112,7 +112,7 @@ class Sequence:
     def _delta(
         self, token: int, text: str, reason: FinishReason | None, logprobs: LogprobEntry | None
     ) -> Delta:
-        tool_calls = None
+        tool_calls: list[ToolCallFragment] | None = None
         if self.parser is not None:
             parsed = self.parser.feed(text) if text else None
             content = parsed.content if parsed else ""
@@ -124,7 +124,7 @@ class Sequence:
                 if self.parser.called and reason == FinishReason.STOP:
                     reason = FinishReason.TOOL_CALLS
             text = content
-            tool_calls = [c.to_wire() for c in calls] or None
+            tool_calls = calls or None
         self.finish_reason = reason
         failed = reason == FinishReason.ERROR
         return Delta(

@@ -29,6 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ...protocol import ToolCallFragment
 from ._json import JsonObjectScanner, strict_loads
 
 __all__ = ["BaseParser", "ParsedDelta", "ToolCall", "ToolCallDelta", "new_call_id"]
@@ -42,31 +43,9 @@ def new_call_id() -> str:
     return "call_" + secrets.token_hex(12)
 
 
-@dataclass(slots=True)
-class ToolCallDelta:
-    """One streamed piece of a tool call (an entry of `delta.tool_calls`).
-
-    The first piece of a call carries `id` and `name`; `arguments` fragments of all pieces
-    of one `index` concatenate to the call's final arguments JSON text.
-    """
-
-    index: int
-    id: str | None = None
-    name: str | None = None
-    arguments: str = ""
-
-    def to_wire(self) -> dict[str, Any]:
-        """The OpenAI streaming form: {"index", ["id", "type",] "function": {...}}."""
-        out: dict[str, Any] = {"index": self.index}
-        fn: dict[str, str] = {}
-        if self.id is not None:
-            out["id"] = self.id
-            out["type"] = "function"
-        if self.name is not None:
-            fn["name"] = self.name
-        fn["arguments"] = self.arguments
-        out["function"] = fn
-        return out
+# One streamed piece of a tool call: the parsers make the protocol's record itself, which
+# goes out as an entry of `delta.tool_calls` as it is.
+ToolCallDelta = ToolCallFragment
 
 
 @dataclass(slots=True)
