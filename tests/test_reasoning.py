@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from reasoning_models import build_reasoning_tokenizer
+from reasoning_models import build_reasoning_model, build_reasoning_tokenizer
 from tiny_model import CHATML
 
 from mlxtg.protocol.specs import ConstraintKind, GuidedSpec
@@ -613,3 +613,15 @@ def test_compose_keeps_named_subgrammars() -> None:
         "lark_grammar": 'start: "a"',
         "name": "answer",
     }
+
+
+@pytest.mark.parametrize(("style", "eos"), [("qwen3", "<|im_end|>"), ("harmony", "<|return|>")])
+def test_reasoning_models_load(tmp_path: Path, style: str, eos: str) -> None:
+    """The builders later step and e2e tests use: mlx-lm loads them, with the style's EOS."""
+    from mlx_lm import load
+
+    model, tok = load(str(build_reasoning_model(tmp_path / style, style)))
+    assert tok.eos_token_ids == {tok.convert_tokens_to_ids(eos)}
+    assert model.args.vocab_size == len(tok._tokenizer) == 1024
+    fmt = detect(tok)
+    assert fmt is not None and fmt.name == ("harmony" if style == "harmony" else "think")
