@@ -51,7 +51,7 @@ def run(model: Path, mode: str, convos: list[Any], tokens: int) -> tuple[list[li
     engine = Engine(loaded, PromptCache(RamPrefixCache(0)), scheduler=scheduler,
                     batched_prefill=batched)
     pre = Preprocessor(loaded)
-    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True).to_wire()
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
     reqs = [pre(Generate(request_id=str(i), model="m", params=params, messages=m))
             for i, m in enumerate(convos)]
     out: dict[str, list[int]] = {r.request_id: [] for r in reqs}

@@ -59,7 +59,7 @@ def make_generate() -> Generate:
 
     body = ChatCompletionRequest.model_validate(BODY)
     return Generate(request_id=f"chatcmpl-{uuid.uuid4().hex[:24]}", model=body.model,
-                    params=body.params().to_wire(), messages=[m.for_template() for m in body.messages],
+                    params=body.params(), messages=[m.for_template() for m in body.messages],
                     tool_choice=body.effective_tool_choice(), stream=True, n=1)
 
 

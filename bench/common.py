@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from mlxtg.worker.blas import OPENBLAS_CANDIDATES, find_fast_blas  # noqa: F401 (re-exported)
+from mlxtg.blas import OPENBLAS_CANDIDATES, find_fast_blas  # noqa: F401 (re-exported)
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out"

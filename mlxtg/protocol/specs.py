@@ -58,10 +58,6 @@ class SamplingParams(Record):
             or self.repetition_penalty != 1.0
         )
 
-    def to_wire(self) -> SamplingParams:
-        """The record itself is the wire form (kept for callers written for the dict form)."""
-        return self
-
 
 class ConstraintKind(StrEnum):
     JSON = "json"  # value: the schema as JSON text

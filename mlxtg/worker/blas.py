@@ -6,9 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..blas import OPENBLAS_CANDIDATES, find_fast_blas
-
-__all__ = ["OPENBLAS_CANDIDATES", "describe_blas", "find_fast_blas"]
+from ..blas import OPENBLAS_CANDIDATES
 
 
 def describe_blas() -> str:
