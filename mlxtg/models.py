@@ -7,7 +7,7 @@ the configured names and never triggers a download or a path lookup.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field
@@ -41,6 +41,8 @@ class ModelSpec(BaseModel):
     context_length: int | None = Field(default=None, gt=0)
     tool_parser: str | None = None
     chat_template: str | None = None
+    reasoning_parser: Literal["auto", "none", "think", "harmony"] = "auto"
+    reasoning_tags: tuple[str, str] | None = None  # [start, end], overriding detection
     pinned: bool = False
     idle_timeout: float | None = Field(default=None, gt=0)
     cache_ram_gb: float | None = Field(default=None, ge=0)

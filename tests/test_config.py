@@ -107,3 +107,24 @@ def test_a_model_spec_travels_as_a_typed_record_and_comes_back_equal():
     back = decode(encode(Config(worker_id="w", model=spec.to_wire(), engine=EngineSettings())))
     assert isinstance(back, Config) and back.model.model_config_ == {"x": 1}
     assert ModelSpec.from_wire(back.model) == spec
+
+
+def test_reasoning_keys_reach_the_worker_and_bad_ones_name_the_field(tmp_path: Path):
+    from mlxtg.models import ModelSpec
+    from mlxtg.protocol import Config, EngineSettings, decode, encode
+
+    (tmp_path / "m").mkdir()
+    text = (
+        f"- model_id_or_path: {tmp_path / 'm'}\n  reasoning_parser: think\n"
+        '  reasoning_tags: ["<seed:think>", "</seed:think>"]\n'
+    )
+    spec = build_settings(write(tmp_path, text), None, {}).models[0]
+    assert spec.reasoning_parser == "think"
+    assert spec.reasoning_tags == ("<seed:think>", "</seed:think>")
+    back = decode(encode(Config(worker_id="w", model=spec.to_wire(), engine=EngineSettings())))
+    assert isinstance(back, Config) and back.model.reasoning_tags == spec.reasoning_tags
+    assert ModelSpec.from_wire(back.model) == spec
+    for bad in ("  reasoning_parser: deepseek\n", "  reasoning_tags: [a]\n"):
+        path = write(tmp_path, f"- model_id_or_path: {tmp_path / 'm'}\n{bad}")
+        with pytest.raises(ConfigError, match="field 'reasoning_"):
+            build_settings(path, None, {})

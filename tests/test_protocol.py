@@ -27,6 +27,8 @@ from mlxtg.protocol import (
     Output,
     ProtocolError,
     Ready,
+    ReasoningEffort,
+    ReasoningRequest,
     SamplingParams,
     ToolCallFragment,
     decode,
@@ -48,6 +50,14 @@ from mlxtg.protocol import (
             guided=GuidedSpec(ConstraintKind.REGEX, "a+", "guided_regex"),
         ),
         Generate(request_id="r", model="m", params=SamplingParams(), prompt_token_ids=[1, 2, 3]),
+        Generate(
+            request_id="r",
+            model="m",
+            params=SamplingParams(),
+            messages=[{"role": "user", "content": "hi"}],
+            reasoning=ReasoningRequest(enabled=True, effort=ReasoningEffort.LOW, max_tokens=3),
+        ),
+        Ready(worker_id="w1", model="m", reasoning="think(<think>,</think>)"),
         Config(
             worker_id="w",
             model=ModelLoad(model_id_or_path="/m", quant="q4", model_config_={"rope": 1}),
@@ -208,3 +218,37 @@ def test_gateway_and_supervisor_import_nothing_from_the_worker():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_reasoning_fields_are_typed_and_appended_last():
+    out = Output(
+        deltas=[
+            Delta(request_id="a", text="42", reasoning="so", reasoning_tokens=4),
+            Delta(request_id="b", text="x"),
+        ]
+    )
+    back = decode(encode(out))
+    assert back == out
+    _, body = _body(out)
+    # Delta is an array: the new fields come last, and a frame without them still decodes.
+    assert body["deltas"][0][-2:] == ["so", 4]
+    body["deltas"] = [body["deltas"][1][:-2]]
+    old = decode([b"OUTPUT", msgpack.packb(body)])
+    assert isinstance(old, Output) and old.deltas[0] == Delta(request_id="b", text="x")
+    gen = Generate(
+        request_id="r",
+        model="m",
+        params=SamplingParams(),
+        messages=[],
+        reasoning=ReasoningRequest(effort=ReasoningEffort.XHIGH),
+    )
+    g = decode(encode(gen))
+    assert isinstance(g, Generate) and g.reasoning is not None
+    assert g.reasoning.effort is ReasoningEffort.XHIGH and g.reasoning.enabled is None
+    _, body = _body(gen)
+    body["reasoning"]["effort"] = "extreme"
+    with pytest.raises(ProtocolError):
+        decode([b"GENERATE", msgpack.packb(body)])
+    body["reasoning"] = {"max_tokens": "3"}
+    with pytest.raises(ProtocolError):
+        decode([b"GENERATE", msgpack.packb(body)])

@@ -33,6 +33,8 @@ ENTRY = """\
     # chat_template: null         # a Jinja chat template replacing the tokenizer's
     # tool_parser: null           # hermes | llama3_json | mistral (default: detected from the template)
     # context_length: null        # cap the context length
+    # reasoning_parser: auto      # auto | none | think | harmony (auto: from the vocabulary and template)
+    # reasoning_tags: null        # [start, end] reasoning markers, e.g. ["<seed:think>", "</seed:think>"]
     pinned: {pinned}                  # pinned models are never evicted
     # idle_timeout: 600           # unload after this many idle seconds
     # cache_ram_gb: 2             # per-model prefix-cache budget (overrides the server's)

@@ -1,6 +1,6 @@
 """Wire protocol between gateway, supervisor and workers (imports nothing heavy)."""
 
-from .codec import ProtocolError, decode, encode
+from .codec import ProtocolError, decode, encode, request_id_of
 from .errors import ErrorKind
 from .messages import (
     Abort,
@@ -22,7 +22,15 @@ from .messages import (
     Ready,
     ToolCallFragment,
 )
-from .specs import ConstraintKind, EngineSettings, GuidedSpec, ModelLoad, SamplingParams
+from .specs import (
+    ConstraintKind,
+    EngineSettings,
+    GuidedSpec,
+    ModelLoad,
+    ReasoningEffort,
+    ReasoningRequest,
+    SamplingParams,
+)
 
 __all__ = [
     "Abort",
@@ -48,8 +56,11 @@ __all__ = [
     "Output",
     "ProtocolError",
     "Ready",
+    "ReasoningEffort",
+    "ReasoningRequest",
     "SamplingParams",
     "ToolCallFragment",
     "decode",
     "encode",
+    "request_id_of",
 ]

@@ -31,7 +31,14 @@ from typing import Any, ClassVar
 import msgspec
 
 from .errors import ErrorKind
-from .specs import EngineSettings, GuidedSpec, ModelLoad, Record, SamplingParams
+from .specs import (
+    EngineSettings,
+    GuidedSpec,
+    ModelLoad,
+    ReasoningRequest,
+    Record,
+    SamplingParams,
+)
 
 
 class MsgType(StrEnum):
@@ -110,6 +117,7 @@ class Ready(Message):
     blas: str = ""
     load_seconds: float = 0.0
     error: str | None = None
+    reasoning: str = ""  # the reasoning format, e.g. "think(<think>,</think>)"; "" = none
 
 
 class Heartbeat(Message):
@@ -151,6 +159,7 @@ class Generate(Message):
     tokenizer_info: bool = False  # tokenize_only: ACCEPTED also carries the tokenizer's facts
     # Completions `echo`: ACCEPTED carries the prompt's text when it came as token ids.
     echo: bool = False
+    reasoning: ReasoningRequest | None = None  # chat only: thinking switch, effort, cap
 
 
 class Accepted(Message):
@@ -210,6 +219,10 @@ class Delta(Row):
     # finish_reason "error": what failed, for the client's error event.
     error_kind: ErrorKind | None = None
     error_message: str | None = None
+    # Reasoning models (appended last: older frames decode unchanged). `text` is the answer,
+    # `reasoning` the thinking split off it; `reasoning_tokens` is set on the final delta.
+    reasoning: str = ""
+    reasoning_tokens: int = 0
 
 
 class Output(Message):

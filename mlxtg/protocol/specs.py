@@ -85,6 +85,26 @@ class GuidedSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 _KINDS = frozenset(ConstraintKind)
 
 
+class ReasoningEffort(StrEnum):
+    """How hard a reasoning model should think (OpenAI's levels and Anthropic's)."""
+
+    NONE = "none"
+    MINIMAL = "minimal"
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+    XHIGH = "xhigh"
+    MAX = "max"
+
+
+class ReasoningRequest(Record):
+    """What a request asks of a reasoning model's thinking (chat-template requests only)."""
+
+    enabled: bool | None = None  # None: the template's default; else its thinking switch
+    effort: ReasoningEffort | None = None
+    max_tokens: int | None = None  # >= 0: reasoning tokens before the end marker is forced
+
+
 class EngineSettings(Record):
     """A worker's engine settings (in its CONFIG)."""
 
@@ -118,6 +138,8 @@ class ModelLoad(Record):
     context_length: int | None = None
     tool_parser: str | None = None
     chat_template: str | None = None
+    reasoning_parser: str = "auto"  # auto | none | think | harmony
+    reasoning_tags: tuple[str, str] | None = None  # [start, end] markers, overriding detection
     pinned: bool = False
     idle_timeout: float | None = None
     cache_ram_gb: float | None = None
