@@ -40,3 +40,17 @@ def decode(frames: list[bytes]) -> Message:
         return _DECODERS[mtype].decode(frames[1])
     except msgspec.DecodeError as exc:  # ValidationError too: a wrong, missing or extra field
         raise ProtocolError(f"{mtype}: {exc}") from exc
+
+
+def request_id_of(frames: list[bytes]) -> str | None:
+    """The `request_id` of a message that failed to decode, when its body is still a map
+    that holds one: the receiver can then fail that request instead of dropping it, so its
+    client gets an error rather than waiting for a reply that never comes."""
+    if len(frames) != 2:
+        return None
+    try:
+        body = msgspec.msgpack.decode(frames[1])
+    except msgspec.DecodeError:
+        return None
+    rid = body.get("request_id") if isinstance(body, dict) else None
+    return rid if isinstance(rid, str) else None

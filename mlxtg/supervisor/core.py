@@ -32,11 +32,13 @@ from ..protocol import (
     Heartbeat,
     Hello,
     Message,
+    MsgType,
     Output,
     ProtocolError,
     Ready,
     decode,
     encode,
+    request_id_of,
 )
 from . import control
 from .config import ServerSettings
@@ -150,6 +152,21 @@ class Supervisor:
     def _send_gateway(self, gateway: bytes, msg: Message) -> None:
         self.front.send_multipart([gateway, *encode(msg)])
 
+    def _refuse_unreadable(self, gateway: bytes, frames: list[bytes], exc: Exception) -> None:
+        """Answer a message that did not decode but names its request (a gateway of another
+        version, a bug): its client gets an error instead of waiting for nothing."""
+        kind = bytes(frames[0]) if frames else b""
+        rid = request_id_of(frames)
+        if rid is None or kind not in (b"GENERATE", b"CONTROL"):
+            return
+        why = f"the supervisor could not read this request (a version mismatch?): {exc}"
+        if kind == MsgType.CONTROL.value.encode():
+            self._send_gateway(gateway, ControlReply(request_id=rid, ok=False, error=why))
+        else:
+            self._send_gateway(
+                gateway, Error(request_id=rid, kind=ErrorKind.INTERNAL, message=why)
+            )
+
     def send_worker(self, handle: WorkerHandle, msg: Message) -> None:
         self.back.send_multipart([handle.worker_id.encode(), *encode(msg)])
 
@@ -158,6 +175,7 @@ class Supervisor:
             msg = decode(frames)
         except ProtocolError as exc:
             log.error("malformed message from gateway: %s", exc)
+            self._refuse_unreadable(gateway, frames, exc)
             return
         if isinstance(msg, Generate):
             self._generate(gateway, msg)

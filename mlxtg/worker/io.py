@@ -42,6 +42,7 @@ from ..protocol import (
     ProtocolError,
     decode,
     encode,
+    request_id_of,
 )
 from .params import RequestError
 
@@ -193,8 +194,12 @@ class WorkerIO(threading.Thread):
             try:
                 msg = decode(frames)
             except Exception as exc:  # whatever the bytes, this thread must go on
-                log.error("dropping malformed message: %s", exc)
-                msg = None
+                log.error("malformed GENERATE: %s", exc)
+                rid = request_id_of(frames)
+                # Fail the request it names (its client would otherwise wait forever).
+                failed: list[Message] = [_unreadable(rid, exc)] if rid is not None else []
+                self._hand_over(number, rid, None, failed)
+                continue
             if not isinstance(msg, Generate):
                 self._hand_over(number, None, None, [])
                 continue
@@ -250,6 +255,14 @@ def _wake(push: zmq.Socket) -> None:
     """Wake the I/O thread to flush the outbox (a wake-up still pending will do as well)."""
     with contextlib.suppress(zmq.Again):
         push.send(b"", zmq.NOBLOCK)
+
+
+def _unreadable(request_id: str, exc: Exception) -> Error:
+    return Error(
+        request_id=request_id,
+        kind=ErrorKind.INTERNAL,
+        message=f"the worker could not read this request (a version mismatch?): {exc}",
+    )
 
 
 def _error(request_id: str, exc: RequestError) -> Error:
