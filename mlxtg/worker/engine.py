@@ -364,7 +364,7 @@ class Engine:
         return deltas
 
     def _new_sequence(self, req: Request, payload: RequestPayload, index: int) -> Sequence:
-        params = payload.params
+        params, plan = payload.params, payload.reasoning
         guide = None
         if payload.guide_spec is not None and self.guided is not None:
             guide = self.guided.new_state(payload.guide_spec)
@@ -386,10 +386,13 @@ class Engine:
                 self.tokenizer.detokenizer,
                 params.stop,
                 self.token_bytes if payload.continues_prompt else None,
+                plan.splitter() if plan is not None else None,
             ),
             max_tokens=payload.max_tokens,
             eos_ids=self.eos_ids,
             parser=payload.parser_factory() if payload.parser_factory else None,
+            tracker=plan.tracker() if plan is not None else None,
+            token_bytes=self.token_bytes,
         )
 
     # --- faults ----------------------------------------------------------------------------

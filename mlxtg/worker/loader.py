@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models import ModelSpec, resolve_model_path
+from .reasoning import ReasoningFormat, detect
 
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
 
@@ -30,6 +31,7 @@ class LoadedModel:
     eos_ids: list[int]
     fingerprint: str
     load_seconds: float
+    reasoning: ReasoningFormat | None = None  # the markers the model thinks between
 
 
 def load(spec: ModelSpec) -> LoadedModel:
@@ -70,6 +72,7 @@ def load(spec: ModelSpec) -> LoadedModel:
         eos_ids=sorted(tokenizer.eos_token_ids),
         fingerprint=fingerprint(path, tok_path, spec),
         load_seconds=time.monotonic() - started,
+        reasoning=detect(tokenizer, spec.reasoning_parser, spec.reasoning_tags),
     )
 
 

@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                 vocab_size=loaded.vocab_size,
                 blas=blas,
                 load_seconds=loaded.load_seconds,
+                reasoning=str(loaded.reasoning or ""),
             )
         )
     )

@@ -19,6 +19,7 @@ from typing import Any
 from ..protocol import Accepted, ConstraintKind, Generate, GuidedSpec
 from .loader import LoadedModel
 from .params import RequestError, SamplingParams, check_params, resolve_max_tokens
+from .reasoning import ReasoningPlan, initial_phase
 from .scheduler import Request
 from .sequence import RequestPayload
 from .tool_calls import detect_format, make_parser
@@ -51,10 +52,11 @@ class Preprocessor:
                 validate_tools(msg.tools)
             except ValueError as exc:
                 raise RequestError(str(exc), param="tools") from exc
-        prompt, param = self._prompt(msg, tools_active, params)
+        prompt, param, text = self._prompt(msg, tools_active, params)
         if not prompt:
             raise RequestError("the prompt is empty", param=param)
         max_tokens = resolve_max_tokens(params, len(prompt), self.loaded.context_length)
+        reasoning = self._reasoning(msg, text)
 
         guide_spec = self._guide(msg, tools_active)
         parser_factory = None
@@ -70,6 +72,7 @@ class Preprocessor:
             guide_spec=guide_spec,
             parser_factory=parser_factory,
             cache_key=msg.cache_key,
+            reasoning=reasoning,
             continues_prompt=msg.messages is None,
             echo_text=(
                 str(self.tokenizer.decode(prompt))
@@ -89,7 +92,7 @@ class Preprocessor:
         """The answer to a tokenize_only GENERATE: the prompt exactly as a generation would
         prefill it (chat template and tools included), or the text of token ids."""
         tools_active = bool(msg.tools) and msg.tool_choice != "none"
-        prompt, _ = self._prompt(msg, tools_active)
+        prompt, _, _ = self._prompt(msg, tools_active)
         text = None
         if msg.prompt_token_ids is not None:
             text = str(self.tokenizer.decode(prompt))
@@ -126,11 +129,13 @@ class Preprocessor:
 
     def _prompt(
         self, msg: Generate, tools_active: bool, params: SamplingParams | None = None
-    ) -> tuple[list[int], str]:
-        """The prompt's token ids. With `params` (a generation, not /tokenize), a prompt
-        that cannot fit the context with its max_tokens is refused before tokenising."""
+    ) -> tuple[list[int], str, str | None]:
+        """The prompt's token ids, the request field it came from and, for chat, the
+        rendered text. With `params` (a generation, not /tokenize), a prompt that cannot
+        fit the context with its max_tokens is refused before tokenising."""
         if msg.messages is not None:
-            return self._chat_prompt(msg, tools_active, params), "messages"
+            text = self._chat_text(msg, tools_active, params)
+            return list(self.tokenizer.encode(text, add_special_tokens=False)), "messages", text
         if msg.prompt_token_ids is not None:
             if params is not None:  # before looking at every id of a huge list
                 resolve_max_tokens(params, len(msg.prompt_token_ids), self.loaded.context_length)
@@ -141,16 +146,15 @@ class Preprocessor:
                     f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
                     param="prompt",
                 )
-            return list(msg.prompt_token_ids), "prompt"
+            return list(msg.prompt_token_ids), "prompt", None
         text = msg.prompt or ""
         self._check_fits(text, params)
-        return list(
-            self.tokenizer.encode(text, add_special_tokens=msg.add_special_tokens)
-        ), "prompt"
+        ids = self.tokenizer.encode(text, add_special_tokens=msg.add_special_tokens)
+        return list(ids), "prompt", None
 
-    def _chat_prompt(
+    def _chat_text(
         self, msg: Generate, tools_active: bool, params: SamplingParams | None
-    ) -> list[int]:
+    ) -> str:
         if not msg.messages:
             raise RequestError("messages must not be empty", param="messages")
         if self.tokenizer.chat_template is None:
@@ -174,7 +178,18 @@ class Preprocessor:
         # Checked on the rendered text, not on the message contents: a template may drop
         # content (earlier reasoning, say), and the render is cheap (0.13 s for 50 MB).
         self._check_fits(text, params)
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return str(text)
+
+    def _reasoning(self, msg: Generate, text: str | None) -> ReasoningPlan | None:
+        """A chat request's reasoning plan: where the rendered prompt leaves the model and
+        the cap (`max_reasoning_tokens`). Text prompts and models without a format: None."""
+        fmt = self.loaded.reasoning
+        if fmt is None or text is None:
+            return None
+        cap = msg.reasoning.max_tokens if msg.reasoning is not None else None
+        if cap is not None and cap < 0:
+            raise RequestError("max_reasoning_tokens must be >= 0", param="max_reasoning_tokens")
+        return ReasoningPlan(fmt, initial_phase(fmt, text), cap)
 
     def _check_fits(self, text: str, params: SamplingParams | None) -> None:
         """Refuse a text provably too long for the context before tokenising it (seconds

@@ -18,6 +18,7 @@ from typing import Any
 __all__ = [
     "Phase",
     "ReasoningFormat",
+    "ReasoningPlan",
     "ReasoningSplitter",
     "ReasoningTracker",
     "compose",
@@ -70,6 +71,22 @@ class ReasoningFormat:
 
     def __str__(self) -> str:  # for READY and `mlxtg status`
         return f"{self.name}({self.start},{self.end})"
+
+
+@dataclass(frozen=True, slots=True)
+class ReasoningPlan:
+    """One chat request's reasoning: the model's format, where the rendered prompt leaves
+    the model (`phase`) and the cap on reasoning text tokens (None: no cap)."""
+
+    fmt: ReasoningFormat
+    phase: Phase
+    cap: int | None = None
+
+    def splitter(self) -> ReasoningSplitter:
+        return ReasoningSplitter(self.fmt, self.phase)
+
+    def tracker(self) -> ReasoningTracker:
+        return ReasoningTracker(self.fmt, self.phase, self.cap)
 
 
 def _parts(tag: str, added: dict[str, int]) -> tuple[Part, ...]:

@@ -1,5 +1,6 @@
-"""One generated choice: its sampler state, text stream, tool-call parser, and the rules
-that decide when it ends. `advance` turns one sampled token into one protocol Delta."""
+"""One generated choice: its sampler state, text stream, tool-call parser, reasoning
+tracker, and the rules that decide when it ends. `advance` turns one sampled token into one
+protocol Delta."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..protocol import Delta, ErrorKind, FinishReason, LogprobEntry, ToolCallFragment
+from .reasoning import ReasoningPlan, ReasoningTracker
 from .sampler import RowState
 from .text import TextStream, TokenBytes
 
@@ -20,6 +22,7 @@ class RequestPayload:
     guide_spec: Any = None  # GuidedSpec or None
     parser_factory: Any = None  # () -> ToolCallParser, when tool calls are parsed
     cache_key: str | None = None  # prompt_cache_key / user: keeps a session's cache
+    reasoning: ReasoningPlan | None = None  # chat with a reasoning model
     continues_prompt: bool = False  # completions: the text goes on from the prompt's text
     echo_text: str | None = None  # `echo` of a token-id prompt: its text, for ACCEPTED
 
@@ -44,6 +47,9 @@ class Sequence:
     finish_reason: FinishReason | None = None
     prompt_logprobs: list[LogprobEntry] | None = None  # sent on the first delta, then dropped
     error: str | None = None  # why it ended with finish_reason "error"
+    # A reasoning model's chat: follows the raw bytes (count, phase, forced end marker).
+    tracker: ReasoningTracker | None = None
+    token_bytes: Any = None  # TokenBytes, for the tracker
 
     @property
     def finished(self) -> bool:
@@ -53,6 +59,8 @@ class Sequence:
         """Account for one sampled token and say what the client sees."""
         self.last_token = token
         self.output.append(token)
+        if self.tracker is not None:
+            self.tracker.feed(token, self.token_bytes(token)[1])
         params = self.row.params
         guide = self.row.guide
         text = ""
@@ -103,7 +111,11 @@ class Sequence:
             finish_reason=reason,
             completion_tokens=len(self.output),
             prompt_logprobs=self._take_prompt_logprobs(),
+            reasoning_tokens=self._reasoning_tokens(),
         )
+
+    def _reasoning_tokens(self) -> int:
+        return self.tracker.reasoning_tokens if self.tracker is not None else 0
 
     def _take_prompt_logprobs(self) -> list[LogprobEntry] | None:
         entries, self.prompt_logprobs = self.prompt_logprobs, None
@@ -113,6 +125,7 @@ class Sequence:
         self, token: int, text: str, reason: FinishReason | None, logprobs: LogprobEntry | None
     ) -> Delta:
         tool_calls: list[ToolCallFragment] | None = None
+        # `text` is the answer only: reasoning never reaches the tool parser.
         if self.parser is not None:
             parsed = self.parser.feed(text) if text else None
             content = parsed.content if parsed else ""
@@ -140,6 +153,8 @@ class Sequence:
             prompt_logprobs=self._take_prompt_logprobs(),
             error_kind=ErrorKind.GENERATION_FAILED if failed else None,
             error_message=self.error if failed else None,
+            reasoning=self.text.take_reasoning(),
+            reasoning_tokens=self._reasoning_tokens() if reason is not None else 0,
         )
 
 

@@ -1,14 +1,19 @@
-"""Streaming text out of token ids: incremental detokenisation, stop strings, token bytes.
+"""Streaming text out of token ids: incremental detokenisation, reasoning split, stop
+strings, token bytes.
 
 mlx-lm's streaming detokenizers already hold back incomplete UTF-8 sequences; on top of
 that `TextStream` holds back any tail that could still become a stop string, so a stop
-string is never emitted, and cuts the text where one appears.
+string is never emitted, and cuts the text where one appears. For a reasoning model a
+`ReasoningSplitter` first takes the reasoning off the text: stop strings apply to the
+answer only (a `stop: "\n\n"` must not end the thinking).
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
 from typing import Any
+
+from .reasoning import ReasoningSplitter
 
 
 class TextStream:
@@ -29,10 +34,20 @@ class TextStream:
         "_bytes",
         "_space",
         "trims_first_space",
+        "_split",
+        "_reasoning",
     )
 
-    def __init__(self, detokenizer: Any, stops: list[str], token_bytes: Any = None):
+    def __init__(
+        self,
+        detokenizer: Any,
+        stops: list[str],
+        token_bytes: Any = None,
+        splitter: ReasoningSplitter | None = None,
+    ):
         self._detok = detokenizer
+        self._split = splitter
+        self._reasoning = ""  # reasoning text not yet taken
         self._stops = [s for s in stops if s]
         self._pending = ""
         self.stopped = False
@@ -66,12 +81,24 @@ class TextStream:
         """End of generation: flush everything that is left (minus a stop string)."""
         self._detok.finalize()
         self._take()
+        if self._split is not None:
+            reasoning, answer = self._split.finish()
+            self._reasoning += reasoning
+            self._pending += answer
         return self._release(final=True)
+
+    def take_reasoning(self) -> str:
+        """The reasoning text split off since the last call (markers removed)."""
+        text, self._reasoning = self._reasoning, ""
+        return text
 
     def _take(self) -> None:
         segment = self._detok.last_segment
         if self._space and segment:
             self._space, segment = False, " " + segment
+        if self._split is not None and segment:
+            reasoning, segment = self._split.feed(segment)
+            self._reasoning += reasoning
         self._pending += segment
 
     def _release(self, final: bool) -> str:

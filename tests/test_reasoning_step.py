@@ -1,0 +1,195 @@
+"""Reasoning models through `Engine.step` (no server): the split of reasoning from the
+answer, stop strings and tool parsing on the answer only, reasoning token counts. The models
+are tests/reasoning_models.py's (random weights, real reasoning templates)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+from reasoning_models import build_reasoning_model
+
+from mlxtg.models import ModelSpec
+from mlxtg.protocol import Generate, Output, ReasoningRequest
+from mlxtg.worker.engine import Engine
+from mlxtg.worker.loader import load
+from mlxtg.worker.params import SamplingParams
+from mlxtg.worker.prefix_cache import RamPrefixCache
+from mlxtg.worker.preprocess import Preprocessor
+from mlxtg.worker.prompt_cache import PromptCache
+from mlxtg.worker.reasoning import Phase
+from mlxtg.worker.scheduler import Scheduler
+
+THINK, END_THINK, TOOL_CALL = 1020, 1021, 1022
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Loaded models by (style, reasoning_parser)."""
+    out = {}
+    for style in ("r1", "qwen3"):
+        path = build_reasoning_model(tmp_path_factory.mktemp(style) / "m", style)
+        for parser in ("auto", "none"):
+            spec = ModelSpec(model_id_or_path=str(path), reasoning_parser=parser)
+            out[style, parser] = load(spec)
+    return out
+
+
+@dataclass
+class Choice:
+    text: str = ""
+    reasoning: str = ""
+    tokens: list[int] = field(default_factory=list)
+    tool_calls: list = field(default_factory=list)
+    finish: str | None = None
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
+def run(loaded, guided=None, content="think about the weather", patch=None, **kw) -> Choice:
+    """One chat request, greedy, run to its end; its choice 0 joined. `patch(request)`
+    may change the preprocessed request."""
+    reasoning = kw.pop("reasoning", None)
+    msg_kw = {k: kw.pop(k) for k in ("tools", "tool_choice", "chat_template_kwargs") if k in kw}
+    params = SamplingParams(**{"temperature": 0.0, "max_tokens": 8, "ignore_eos": True, **kw})
+    msg = Generate(
+        request_id="r",
+        model="m",
+        params=params,
+        messages=[{"role": "user", "content": content}],
+        reasoning=reasoning,
+        **msg_kw,
+    )
+    eng = Engine(
+        loaded,
+        PromptCache(RamPrefixCache(0, min_tokens=4)),
+        guided=guided,
+        scheduler=Scheduler(max_batch=4, max_queued=4, chunk_tokens=512),
+    )
+    choice = Choice()
+    inputs = [Preprocessor(loaded, guided)(msg)]
+    if patch is not None:
+        patch(inputs[0])
+    for _ in range(200):
+        for m in eng.step(inputs):
+            assert isinstance(m, Output) or m.TYPE.value == "ACCEPTED", m
+            for d in m.deltas if isinstance(m, Output) else []:
+                choice.text += d.text
+                choice.reasoning += d.reasoning
+                choice.tokens += d.token_ids
+                choice.tool_calls += d.tool_calls or []
+                if d.finish_reason:
+                    choice.finish = d.finish_reason
+                    choice.completion_tokens = d.completion_tokens
+                    choice.reasoning_tokens = d.reasoning_tokens
+                else:
+                    assert d.reasoning_tokens == 0  # only on the final delta
+        inputs = []
+        if eng.idle:
+            return choice
+    raise AssertionError("the engine did not go idle")
+
+
+def test_formats_are_detected_at_load(models):
+    assert str(models["r1", "auto"].reasoning) == "think(<think>,</think>)"
+    assert models["r1", "auto"].reasoning.end_ids == (END_THINK,)
+    assert models["qwen3", "none"].reasoning is None
+
+
+def test_inside_the_templates_block_everything_is_reasoning(models):
+    plain = run(models["r1", "none"])
+    split = run(models["r1", "auto"])
+    assert split.tokens == plain.tokens and END_THINK not in split.tokens
+    assert split.text == "" and split.reasoning == plain.text.strip()
+    assert split.finish == "length" and split.completion_tokens == 8
+    assert split.reasoning_tokens == 8
+
+
+def test_stop_strings_apply_to_the_answer_only(models):
+    plain = run(models["r1", "none"], max_tokens=12)
+    stop = plain.text.strip()[2:5]
+    assert run(models["r1", "none"], max_tokens=12, stop=[stop]).finish == "stop"
+    split = run(models["r1", "auto"], max_tokens=12, stop=[stop])
+    assert split.finish == "length" and split.tokens == plain.tokens
+    assert stop in split.reasoning
+
+
+def test_a_block_the_model_does_not_open_leaves_the_answer_unchanged(models):
+    plain = run(models["qwen3", "none"])
+    split = run(models["qwen3", "auto"])
+    assert split.tokens == plain.tokens and THINK not in plain.tokens
+    assert (split.text, split.reasoning, split.reasoning_tokens) == (plain.text, "", 0)
+
+
+def test_a_block_the_model_opens_is_reasoning(models):
+    # A bias makes the model open (and keep opening) blocks: all of it is reasoning text.
+    split = run(models["qwen3", "auto"], logit_bias={THINK: 100.0}, max_tokens=4)
+    assert split.tokens == [THINK] * 4
+    assert split.text == "" and split.reasoning == "<think>" * 3
+    assert split.reasoning_tokens == 4
+
+
+def test_enable_thinking_false_starts_in_the_answer(models):
+    loaded = models["qwen3", "auto"]
+    pre = Preprocessor(loaded)
+    msg = Generate(
+        request_id="r",
+        model="m",
+        params=SamplingParams(max_tokens=4),
+        messages=[{"role": "user", "content": "hi"}],
+        chat_template_kwargs={"enable_thinking": False},
+    )
+    assert pre(msg).payload.reasoning.phase is Phase.ANSWER
+    plain = run(models["qwen3", "none"], chat_template_kwargs={"enable_thinking": False})
+    split = run(loaded, chat_template_kwargs={"enable_thinking": False})
+    assert split.text == plain.text.lstrip() and split.reasoning == ""
+    assert split.reasoning_tokens == 0
+
+
+def test_the_tool_parser_never_sees_reasoning(models):
+    fed: list[str] = []
+
+    def record(req):
+        make = req.payload.parser_factory
+
+        def factory():
+            parser = make()
+            feed = parser.feed
+            parser.feed = lambda text: (fed.append(text), feed(text))[1]
+            return parser
+
+        req.payload.parser_factory = factory
+
+    split = run(models["r1", "auto"], tools=TOOLS, patch=record)
+    assert split.reasoning and split.text == "" and fed == []
+    plain = run(models["r1", "none"], tools=TOOLS, patch=record)
+    assert "".join(fed) == plain.text
+
+
+def test_completions_get_no_reasoning_split(models):
+    loaded = models["r1", "auto"]
+    msg = Generate(request_id="r", model="m", params=SamplingParams(), prompt="<think>\nhi")
+    assert Preprocessor(loaded)(msg).payload.reasoning is None
+
+
+def test_a_negative_cap_is_a_400(models):
+    from mlxtg.worker.params import RequestError
+
+    msg = Generate(
+        request_id="r",
+        model="m",
+        params=SamplingParams(),
+        messages=[{"role": "user", "content": "hi"}],
+        reasoning=ReasoningRequest(max_tokens=-1),
+    )
+    with pytest.raises(RequestError, match="max_reasoning_tokens"):
+        Preprocessor(models["r1", "auto"])(msg)
