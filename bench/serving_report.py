@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT
+from bench.common import ROOT, replace_section
 
 HEADING = "## Serving throughput and latency (issue: continuous batching)"
 NAMES = {"mlxtg": "**mlxtg**", "mlx_lm": "mlx_lm.server", "vllm_mlx": "vllm-mlx",
@@ -258,14 +258,7 @@ def auto_notes(report: dict[str, Any]) -> list[str]:
 
 def write_results(path: Path, section: str) -> None:
     """Replace this benchmark's section of RESULTS.md (or append it), leaving the rest alone."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if HEADING in text:
-        start = text.index(HEADING)
-        nxt = text.find("\n## ", start + len(HEADING))
-        text = text[:start] + section.rstrip() + "\n" + (text[nxt:] if nxt >= 0 else "")
-    else:
-        text = text.rstrip() + "\n\n" + section
-    path.write_text(text.rstrip() + "\n")
+    replace_section(path, HEADING, section)
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
