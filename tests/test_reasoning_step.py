@@ -193,3 +193,69 @@ def test_a_negative_cap_is_a_400(models):
     )
     with pytest.raises(RequestError, match="max_reasoning_tokens"):
         Preprocessor(models["r1", "auto"])(msg)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_cap_forces_the_end_marker(models, temperature):
+    plain = run(models["r1", "none"], max_tokens=12)
+    capped = run(
+        models["r1", "auto"],
+        max_tokens=12,
+        temperature=temperature,
+        seed=3,
+        reasoning=ReasoningRequest(max_tokens=3),
+    )
+    end = capped.tokens.index(END_THINK)
+    assert end == 3 and capped.reasoning_tokens == 4 and capped.completion_tokens == 12
+    if temperature == 0.0:
+        assert capped.tokens[:3] == plain.tokens[:3]
+    assert capped.text and capped.reasoning  # both parts, markers removed
+    assert "</think>" not in capped.text + capped.reasoning
+
+
+def test_cap_zero_closes_the_block_at_once(models):
+    capped = run(models["r1", "auto"], reasoning=ReasoningRequest(max_tokens=0))
+    assert capped.tokens[0] == END_THINK and END_THINK not in capped.tokens[1:]
+    assert capped.reasoning == "" and capped.reasoning_tokens == 1 and capped.text
+
+
+def test_cap_zero_after_the_models_own_opening(models):
+    capped = run(
+        models["qwen3", "auto"],
+        logit_bias={THINK: 100.0},
+        max_tokens=4,
+        reasoning=ReasoningRequest(max_tokens=0),
+    )
+    assert capped.tokens == [THINK, END_THINK, THINK, THINK]
+    assert capped.reasoning == "" and capped.reasoning_tokens == 2
+    assert capped.text == "<think><think>"
+
+
+def test_a_capped_row_leaves_its_batch_neighbours_alone(models):
+    loaded = models["r1", "auto"]
+    alone = run(loaded, content="another question", max_tokens=10)
+    eng = Engine(
+        loaded,
+        PromptCache(RamPrefixCache(0, min_tokens=4)),
+        scheduler=Scheduler(max_batch=4, max_queued=4, chunk_tokens=512),
+    )
+    reqs = []
+    for rid, content, cap in (("a", "think about the weather", 2), ("b", "another question", None)):
+        msg = Generate(
+            request_id=rid,
+            model="m",
+            params=SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True),
+            messages=[{"role": "user", "content": content}],
+            reasoning=ReasoningRequest(max_tokens=cap),
+        )
+        reqs.append(Preprocessor(loaded)(msg))
+    tokens: dict[str, list[int]] = {"a": [], "b": []}
+    inputs = reqs
+    while True:
+        for m in eng.step(inputs):
+            for d in m.deltas if isinstance(m, Output) else []:
+                tokens[d.request_id] += d.token_ids
+        inputs = []
+        if eng.idle:
+            break
+    assert tokens["a"][2] == END_THINK and tokens["b"] == alone.tokens

@@ -216,11 +216,24 @@ class Engine:
             self.runner.queue_decode(inputs)
 
     def _masks(self, seqs: list[Sequence]) -> np.ndarray | None:
-        """(B, V) allowed tokens for a batch with guided rows (unguided rows all True)."""
+        """(B, V) allowed tokens for a batch with guided rows or forced reasoning ends
+        (other rows all True); None when no row is constrained."""
         guides = [s.row.guide for s in seqs]
-        if self.guided is None or all(g is None for g in guides):
+        guided = self.guided is not None and any(g is not None for g in guides)
+        forced = [s.tracker.forced() if s.tracker is not None else None for s in seqs]
+        if not guided and all(f is None for f in forced):
             return None
-        masks: np.ndarray = self.guided.batch_masks(guides)
+        masks: np.ndarray
+        if guided:
+            masks = self.guided.batch_masks(guides)
+        else:
+            masks = np.ones((len(seqs), self.vocab_size), dtype=bool)
+        for i, token in enumerate(forced):
+            # A reasoning cap is spent: the end marker's next token is the only choice,
+            # unless the grammar cannot take it yet (then the next step tries again).
+            if token is not None and token < masks.shape[1] and masks[i, token]:
+                masks[i] = False
+                masks[i, token] = True
         return masks
 
     def _advance(self, seq: Sequence, row: int, result: Any) -> Delta:
