@@ -26,7 +26,12 @@ TOOLS = [
         "type": "function",
         "function": {
             "name": "get_weather",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"enum": ["Oslo", "Paris"]}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
         },
     }
 ]
@@ -55,11 +60,12 @@ class Choice:
     reasoning_tokens: int = 0
 
 
-def run(loaded, guided=None, content="think about the weather", patch=None, **kw) -> Choice:
+def run(loaded, compiler=None, content="think about the weather", patch=None, **kw) -> Choice:
     """One chat request, greedy, run to its end; its choice 0 joined. `patch(request)`
     may change the preprocessed request."""
     reasoning = kw.pop("reasoning", None)
-    msg_kw = {k: kw.pop(k) for k in ("tools", "tool_choice", "chat_template_kwargs") if k in kw}
+    keys = ("tools", "tool_choice", "chat_template_kwargs", "guided")
+    msg_kw = {k: kw.pop(k) for k in keys if k in kw}
     params = SamplingParams(**{"temperature": 0.0, "max_tokens": 8, "ignore_eos": True, **kw})
     msg = Generate(
         request_id="r",
@@ -72,11 +78,11 @@ def run(loaded, guided=None, content="think about the weather", patch=None, **kw
     eng = Engine(
         loaded,
         PromptCache(RamPrefixCache(0, min_tokens=4)),
-        guided=guided,
+        guided=compiler,
         scheduler=Scheduler(max_batch=4, max_queued=4, chunk_tokens=512),
     )
     choice = Choice()
-    inputs = [Preprocessor(loaded, guided)(msg)]
+    inputs = [Preprocessor(loaded, compiler)(msg)]
     if patch is not None:
         patch(inputs[0])
     for _ in range(200):
@@ -259,3 +265,125 @@ def test_a_capped_row_leaves_its_batch_neighbours_alone(models):
         if eng.idle:
             break
     assert tokens["a"][2] == END_THINK and tokens["b"] == alone.tokens
+
+
+# --- constraints after the reasoning block ------------------------------------------------
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 6}, "days": {"type": "integer", "minimum": 0, "maximum": 9}},
+    "required": ["city", "days"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def compilers(models):
+    from mlxtg.worker.guided import GuidedCompiler
+
+    return {k: GuidedCompiler(m.tokenizer, m.vocab_size) for k, m in models.items()}
+
+
+def guided_json():
+    import json
+
+    from mlxtg.protocol import ConstraintKind, GuidedSpec
+
+    return GuidedSpec(ConstraintKind.JSON, json.dumps(SCHEMA), "guided_json")
+
+
+def run_guided(models, compilers, key, **kw) -> Choice:
+    return run(models[key], compilers[key], **kw)
+
+
+def test_guided_json_after_thinking_validates(models, compilers):
+    import json
+
+    import jsonschema
+
+    out = run_guided(
+        models,
+        compilers,
+        ("r1", "auto"),
+        guided=guided_json(),
+        max_tokens=40,
+        ignore_eos=False,
+        reasoning=ReasoningRequest(max_tokens=3),
+    )
+    assert out.tokens.index(END_THINK) == 3 and out.reasoning_tokens == 4
+    assert out.reasoning and out.finish == "stop"
+    jsonschema.validate(json.loads(out.text), SCHEMA)
+
+
+def test_a_length_cut_inside_the_reasoning_leaves_the_answer_empty(models, compilers):
+    out = run_guided(
+        models, compilers, ("r1", "auto"), guided=guided_json(), max_tokens=5, ignore_eos=False
+    )
+    assert out.finish == "length" and out.text == "" and out.reasoning
+    assert out.reasoning_tokens == 5
+
+
+def test_a_forced_tool_call_after_thinking(models, compilers):
+    import json
+
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    out = run(
+        models["qwen3", "auto"],
+        compilers["qwen3", "auto"],
+        tools=TOOLS,
+        tool_choice=choice,
+        logit_bias={THINK: 100.0},  # the model opens a block; the grammar allows it once
+        max_tokens=60,
+        ignore_eos=False,
+        reasoning=ReasoningRequest(max_tokens=3),
+    )
+    assert out.tokens[0] == THINK and out.tokens.index(END_THINK) == 4
+    assert out.reasoning and out.reasoning_tokens == 5
+    assert out.finish == "tool_calls" and out.text == ""
+    calls = [c for c in out.tool_calls if c.name]
+    assert [c.name for c in calls] == ["get_weather"]
+    args = "".join(c.arguments for c in out.tool_calls)
+    assert isinstance(json.loads(args), dict)
+
+
+def test_no_block_no_wrap(models, compilers):
+    """enable_thinking false closes the block in the prompt: today's grammar, unwrapped."""
+    loaded = models["qwen3", "auto"]
+    msg = Generate(
+        request_id="r",
+        model="m",
+        params=SamplingParams(),
+        messages=[{"role": "user", "content": "hi"}],
+        chat_template_kwargs={"enable_thinking": False},
+        guided=guided_json(),
+    )
+    assert Preprocessor(loaded, compilers["qwen3", "auto"])(msg).payload.guide_prefix is None
+    msg = Generate(
+        request_id="r",
+        model="m",
+        params=SamplingParams(),
+        messages=[{"role": "user", "content": "hi"}],
+        guided=guided_json(),
+    )
+    payload = Preprocessor(loaded, compilers["qwen3", "auto"])(msg).payload
+    assert payload.guide_prefix is not None and "@answer" in payload.guide_prefix
+
+
+def test_the_prefix_is_part_of_the_compile_cache_key(models):
+    from mlxtg.worker.guided import GuidedCompiler, GuidedError
+    from mlxtg.worker.reasoning import prefix_lark
+
+    loaded = models["r1", "auto"]
+    c = GuidedCompiler(loaded.tokenizer, loaded.vocab_size)
+    prefix = prefix_lark(loaded.reasoning, Phase.REASONING)
+    for _ in range(2):
+        c.validate(guided_json())
+        c.validate(guided_json(), prefix)
+    assert c.stats["compiles"] == 2 and c.stats["cache_hits"] == 2
+    from mlxtg.protocol import ConstraintKind, GuidedSpec
+
+    with pytest.raises(GuidedError, match="regex"):
+        c.validate(GuidedSpec(ConstraintKind.REGEX, "a(", "guided_regex"), prefix)
+    state = c.new_state(guided_json(), prefix)
+    mask = state.mask()
+    assert mask[END_THINK] and not mask[loaded.eos_ids[0]]  # no EOS inside the reasoning

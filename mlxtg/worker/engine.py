@@ -380,7 +380,8 @@ class Engine:
         params, plan = payload.params, payload.reasoning
         guide = None
         if payload.guide_spec is not None and self.guided is not None:
-            guide = self.guided.new_state(payload.guide_spec)
+            after = () if payload.guide_prefix is None else (payload.guide_prefix,)
+            guide = self.guided.new_state(payload.guide_spec, *after)
         row = RowState.create(
             params,
             self.vocab_size,

@@ -3,7 +3,9 @@
 The gateway makes the `GuidedSpec` (mlxtg/constraints.py; heavy imports here are lazy). A
 `GuidedCompiler` (cached) makes a `GuideState` per sequence; each step `fill_masks` computes
 all guided rows at once (GIL released), `apply_masks` applies them, then `consume`. JSON is
-compact by default: a weak model allowed free whitespace can emit it forever.
+compact by default: a weak model allowed free whitespace can emit it forever. For a
+reasoning model the constraint holds after the thinking: the grammar is the reasoning
+prefix (reasoning.prefix_lark) followed by the constraint as an `@answer` sub-grammar.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..constraints import GuidedError, load_schema, spec_from_request
 from ..protocol import ConstraintKind, GuidedSpec
+from .reasoning import compose
 
 __all__ = ["GuidedCompiler", "GuidedError", "GuidedSpec", "GuideState", "spec_from_request"]
 
@@ -149,14 +152,21 @@ class GuidedCompiler:
         hits = self._stats["cache_hits"] + self._cached.cache_info().hits
         return {**self._stats, "cache_hits": hits}
 
-    def _matcher(self, spec: GuidedSpec) -> llguidance.LLMatcher:
-        hit = self._cached(spec.kind, spec.value, spec.whitespace_pattern)
+    def _matcher(self, spec: GuidedSpec, prefix: str | None) -> llguidance.LLMatcher:
+        hit = self._cached(spec.kind, spec.value, spec.whitespace_pattern, prefix)
         if isinstance(hit, str):
             raise GuidedError(hit, spec.param)
         return hit
 
-    def _compile(self, kind: ConstraintKind, value: str, whitespace_pattern: str | None) -> Any:
-        """A pristine matcher, or the error message as a str."""
+    def _compile(
+        self,
+        kind: ConstraintKind,
+        value: str,
+        whitespace_pattern: str | None,
+        prefix: str | None = None,
+    ) -> Any:
+        """A pristine matcher, or the error message as a str. `prefix`: the Lark grammar of
+        a reasoning block the constraint comes after (None: the constraint alone)."""
         import llguidance as llg
 
         spec = GuidedSpec(kind, value, "", whitespace_pattern)
@@ -167,6 +177,8 @@ class GuidedCompiler:
             schema = load_schema(value or '{"type":"object"}', "") if is_json else None
             for _ in range(10):  # each pass drops one format llguidance does not know
                 grammar = _grammar(spec, schema)
+                if prefix is not None:
+                    grammar = compose(grammar, prefix)
                 m = llg.LLMatcher(self.lltok, grammar, log_level=0, limits=self._limits)
                 err = m.get_error() if m.is_error() else ""
                 unknown = re.search(r"Unknown format: (\S+)", err)
@@ -187,13 +199,14 @@ class GuidedCompiler:
             st["compile_ms_max"] = max(st["compile_ms_max"], ms)
         return result
 
-    def validate(self, spec: GuidedSpec) -> None:
+    def validate(self, spec: GuidedSpec, prefix: str | None = None) -> None:
         """Compile (and cache) now; raise GuidedError before any generation starts."""
-        self._matcher(spec)
+        self._matcher(spec, prefix)
 
-    def new_state(self, spec: GuidedSpec) -> GuideState:
-        """A fresh constraint state for one generated sequence."""
-        return GuideState(self, spec, self._matcher(spec).deep_copy())
+    def new_state(self, spec: GuidedSpec, prefix: str | None = None) -> GuideState:
+        """A fresh constraint state for one generated sequence (after a reasoning block
+        when `prefix` is given)."""
+        return GuideState(self, spec, self._matcher(spec, prefix).deep_copy())
 
     def clear_cache(self) -> None:
         """Forget every compiled grammar (benchmarks; tokenizer swaps build a new compiler)."""

@@ -19,7 +19,7 @@ from typing import Any
 from ..protocol import Accepted, ConstraintKind, Generate, GuidedSpec
 from .loader import LoadedModel
 from .params import RequestError, SamplingParams, check_params, resolve_max_tokens
-from .reasoning import ReasoningPlan, initial_phase
+from .reasoning import ReasoningPlan, initial_phase, prefix_lark
 from .scheduler import Request
 from .sequence import RequestPayload
 from .tool_calls import detect_format, make_parser
@@ -58,7 +58,9 @@ class Preprocessor:
         max_tokens = resolve_max_tokens(params, len(prompt), self.loaded.context_length)
         reasoning = self._reasoning(msg, text)
 
-        guide_spec = self._guide(msg, tools_active)
+        # A reasoning model thinks first: the constraint holds after its reasoning block.
+        prefix = prefix_lark(reasoning.fmt, reasoning.phase) if reasoning is not None else None
+        guide_spec = self._guide(msg, tools_active, prefix)
         parser_factory = None
         if tools_active:
             # Non-streamed responses report only complete calls; streams get arguments as
@@ -70,6 +72,7 @@ class Preprocessor:
             params=params,
             max_tokens=max_tokens,
             guide_spec=guide_spec,
+            guide_prefix=prefix if guide_spec is not None else None,
             parser_factory=parser_factory,
             cache_key=msg.cache_key,
             reasoning=reasoning,
@@ -211,7 +214,7 @@ class Preprocessor:
             parallel_tool_calls=msg.parallel_tool_calls,
         )
 
-    def _guide(self, msg: Generate, tools_active: bool) -> Any:
+    def _guide(self, msg: Generate, tools_active: bool, prefix: str | None = None) -> Any:
         spec = None
         if tools_active and forces_call(msg.tool_choice):
             try:
@@ -240,7 +243,7 @@ class Preprocessor:
         from .guided import GuidedError
 
         try:
-            self.guided.validate(spec)
+            self.guided.validate(spec, prefix)
         except GuidedError as exc:
             raise RequestError(str(exc), param=exc.param) from exc
         return spec

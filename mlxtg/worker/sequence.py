@@ -20,6 +20,7 @@ class RequestPayload:
     params: Any  # SamplingParams
     max_tokens: int
     guide_spec: Any = None  # GuidedSpec or None
+    guide_prefix: str | None = None  # the reasoning block the constraint comes after (Lark)
     parser_factory: Any = None  # () -> ToolCallParser, when tool calls are parsed
     cache_key: str | None = None  # prompt_cache_key / user: keeps a session's cache
     reasoning: ReasoningPlan | None = None  # chat with a reasoning model
