@@ -127,8 +127,9 @@ def role_sup() -> None:
         def poll(self) -> None:
             return None
 
-    sup = Supervisor(ServerSettings(models=[demo_spec()], standby_worker=False))
-    sup.workers[FAKE_WORKER_ID] = WorkerHandle(worker_id=FAKE_WORKER_ID, spec=demo_spec(),
+    # The fake worker sends no heartbeats: keep the watchdog from killing it.
+    sup = Supervisor(ServerSettings(models=[demo_spec()], standby_worker=False, heartbeat_timeout=1e9))
+    sup.pool.workers[FAKE_WORKER_ID] = WorkerHandle(worker_id=FAKE_WORKER_ID, spec=demo_spec(),
                                                proc=FakeProc(), state=WorkerState.READY)  # type: ignore[arg-type]
     print(json.dumps([sup.gateway_endpoint, sup.worker_endpoint]), flush=True)
     while True:
