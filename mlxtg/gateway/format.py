@@ -9,13 +9,18 @@ from typing import Any
 from ..protocol import Delta, LogprobEntry, ToolCallFragment
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
-    return {
+def usage(
+    prompt_tokens: int, completion_tokens: int, cached_tokens: int, reasoning_tokens: int = 0
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
+    if reasoning_tokens:  # a model that reasoned: its thinking is part of completion_tokens
+        out["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+    return out
 
 
 def chat_logprobs(entries: list[LogprobEntry]) -> dict[str, Any]:
@@ -65,16 +70,20 @@ class ChoiceAccumulator:
 
     index: int
     text: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)  # a reasoning model's thinking
     logprobs: list[LogprobEntry] = field(default_factory=list)
     prompt_logprobs: list[LogprobEntry] | None = None  # echo with logprobs
     tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
     finish_reason: str | None = None
     completion_tokens: int = 0
+    reasoning_tokens: int = 0
     stop_sequence: str | None = None
 
     def add(self, delta: Delta) -> None:
         if delta.text:
             self.text.append(delta.text)
+        if delta.reasoning:
+            self.reasoning.append(delta.reasoning)
         if delta.logprobs:
             self.logprobs.extend(delta.logprobs)
         if delta.prompt_logprobs:
@@ -92,11 +101,15 @@ class ChoiceAccumulator:
         if delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason
             self.completion_tokens = delta.completion_tokens
+            self.reasoning_tokens = delta.reasoning_tokens
             self.stop_sequence = delta.stop_sequence
 
-    def chat_choice(self) -> dict[str, Any]:
+    def chat_choice(self, include_reasoning: bool = True) -> dict[str, Any]:
         content = "".join(self.text)
         message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+        reasoning = "".join(self.reasoning)
+        if reasoning and include_reasoning:
+            message.update(reasoning_from(reasoning))
         if self.tool_calls:
             message["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
             message["content"] = content or None
@@ -138,6 +151,11 @@ def chat_chunk(
             {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         ],
     }
+
+
+def reasoning_from(text: str) -> dict[str, str]:
+    """Both names clients read the reasoning under (vLLM's old and new, Vercel AI SDK's)."""
+    return {"reasoning_content": text, "reasoning": text}
 
 
 def chat_delta(delta: Delta) -> dict[str, Any]:

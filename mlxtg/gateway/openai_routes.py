@@ -68,11 +68,26 @@ async def chat_completions(
         n=body.n,
         guided=_guided(body),
         cache_key=body.cache_key,
+        reasoning=body.reasoning(),
     )
     run = Run(client, [gen], body.n)
     if body.stream:
-        return await _stream(request, run, body.model, rid, body.include_usage, metrics, chat=True)
-    return await collect(request, run, lambda acc: _chat_body(rid, body.model, run, acc), metrics)
+        return await _stream(
+            request,
+            run,
+            body.model,
+            rid,
+            body.include_usage,
+            metrics,
+            chat=True,
+            include_reasoning=body.include_reasoning,
+        )
+    return await collect(
+        request,
+        run,
+        lambda acc: _chat_body(rid, body.model, run, acc, body.include_reasoning),
+        metrics,
+    )
 
 
 @router.post("/completions")
@@ -122,15 +137,18 @@ async def completions(
     )
 
 
-def _chat_body(rid: str, model: str, run: Run, accs: list[fmt.ChoiceAccumulator]) -> dict[str, Any]:
+def _chat_body(
+    rid: str, model: str, run: Run, accs: list[fmt.ChoiceAccumulator], include_reasoning: bool
+) -> dict[str, Any]:
     completion = sum(a.completion_tokens for a in accs)
+    reasoning = sum(a.reasoning_tokens for a in accs)
     return {
         "id": rid,
         "object": "chat.completion",
         "created": run.created,
         "model": model,
-        "choices": [a.chat_choice() for a in accs],
-        "usage": fmt.usage(run.prompt_tokens, completion, run.cached_tokens),
+        "choices": [a.chat_choice(include_reasoning) for a in accs],
+        "usage": fmt.usage(run.prompt_tokens, completion, run.cached_tokens, reasoning),
     }
 
 
@@ -182,11 +200,13 @@ async def _stream(
     metrics: Any,
     chat: bool,
     echoes: _Echoes | None = None,
+    include_reasoning: bool = True,
 ) -> StreamingResponse:
     accepted, headers = await open_stream(run)
 
     async def body() -> AsyncIterator[bytes]:
         completion_tokens = 0
+        reasoning_tokens = 0
         status = "aborted"  # until the last event is sent: a client that leaves aborts
         try:
             if not accepted:  # the model is loading: keep the connection alive meanwhile
@@ -209,8 +229,18 @@ async def _stream(
                     if index in last_token_at:
                         metrics.itl.observe(now - last_token_at[index])
                     last_token_at[index] = now
+                reasoning_tokens += delta.reasoning_tokens  # set on final deltas only
                 for chunk in _chunks(
-                    rid, model, run.created, index, delta, chat, started, echoes, run
+                    rid,
+                    model,
+                    run.created,
+                    index,
+                    delta,
+                    chat,
+                    started,
+                    echoes,
+                    run,
+                    include_reasoning,
                 ):
                     yield fmt.sse(chunk)
             if include_usage:
@@ -221,7 +251,9 @@ async def _stream(
                         "created": run.created,
                         "model": model,
                         "choices": [],
-                        "usage": fmt.usage(run.prompt_tokens, completion_tokens, run.cached_tokens),
+                        "usage": fmt.usage(
+                            run.prompt_tokens, completion_tokens, run.cached_tokens, reasoning_tokens
+                        ),
                     }
                 )
             yield fmt.SSE_DONE
@@ -248,6 +280,7 @@ def _chunks(
     started: set[int],
     echoes: _Echoes | None,
     run: Run,
+    include_reasoning: bool = True,
 ) -> list[dict[str, Any]]:
     out = []
     if chat:
@@ -261,6 +294,10 @@ def _chunks(
                     index,
                     {"role": "assistant", "content": "", "refusal": None},
                 )
+            )
+        if delta.reasoning and include_reasoning:  # a chunk of its own, before the content of the same step
+            out.append(
+                fmt.chat_chunk(rid, created, model, index, fmt.reasoning_from(delta.reasoning))
             )
         d = fmt.chat_delta(delta)
         lp = fmt.chat_logprobs(delta.logprobs) if delta.logprobs else None

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..protocol import SamplingParams
+from ..protocol import ReasoningEffort, ReasoningRequest, SamplingParams
 
 log = logging.getLogger("mlxtg.gateway")
 
@@ -196,9 +196,19 @@ class ChatCompletionRequest(_Common):
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # Reasoning models: a cap on thinking tokens (vLLM's thinking_token_budget is the same
+    # field), whether the reply carries the thinking, and the effort the template may take.
+    max_reasoning_tokens: int | None = Field(default=None, ge=0, le=INT64)
+    thinking_token_budget: int | None = Field(default=None, ge=0, le=INT64)
+    include_reasoning: bool = True
+    reasoning_effort: ReasoningEffort | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
+        if self.max_reasoning_tokens is not None and self.thinking_token_budget is not None:
+            raise ValueError(
+                "give max_reasoning_tokens or thinking_token_budget (the same cap), not both"
+            )
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
         if isinstance(self.tool_choice, dict):
@@ -218,6 +228,17 @@ class ChatCompletionRequest(_Common):
     def params(self) -> SamplingParams:
         limit = self.max_completion_tokens or self.max_tokens
         return self.sampling(limit, self.logprobs, self.top_logprobs or 0)
+
+    def reasoning(self) -> ReasoningRequest | None:
+        """What the request asks of a reasoning model (None: nothing)."""
+        cap = (
+            self.max_reasoning_tokens
+            if self.max_reasoning_tokens is not None
+            else self.thinking_token_budget
+        )
+        if cap is None and self.reasoning_effort is None:
+            return None
+        return ReasoningRequest(effort=self.reasoning_effort, max_tokens=cap)
 
     def effective_tool_choice(self) -> Any:
         if not self.tools:

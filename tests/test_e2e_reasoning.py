@@ -1,0 +1,135 @@
+"""End-to-end: a reasoning model (tests/reasoning_models.py's R1 style: the generation prompt
+opens <think>) behind `mlxtg up`, through the official openai client, streamed and not."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from conftest import API_KEY, Server, start_server
+from reasoning_models import build_reasoning_model
+
+pytestmark = pytest.mark.slow
+
+MODEL = "r1-tiny"
+ASK = [{"role": "user", "content": "What is the weather in Oslo?"}]
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"enum": ["Oslo", "Paris"]},
+        "days": {"type": "integer", "minimum": 0, "maximum": 9},
+    },
+    "required": ["city", "days"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def r1_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    home = tmp_path_factory.mktemp("home")
+    path = build_reasoning_model(tmp_path_factory.mktemp("r1") / MODEL, "r1")
+    srv = start_server(Path(home), ["--model", str(path)])
+    yield srv
+    assert srv.stop() == 0, srv.log.read_text()
+
+
+@pytest.fixture()
+def client(r1_server: Server) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(
+        base_url=f"{r1_server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120
+    ) as c:
+        yield c
+
+
+def ask(client: openai.OpenAI, stream: bool = False, **extra):
+    return client.chat.completions.create(
+        model=MODEL,
+        messages=ASK,  # type: ignore[arg-type]
+        max_tokens=12,
+        temperature=0.0,
+        stream=stream,
+        stream_options={"include_usage": True} if stream else None,
+        extra_body={"ignore_eos": True, **extra},
+    )
+
+
+def test_reasoning_and_content_apart_stream_and_not(client: openai.OpenAI):
+    reply = ask(client, max_reasoning_tokens=3)
+    msg = reply.choices[0].message
+    extra = msg.model_extra or {}
+    assert extra["reasoning_content"] == extra["reasoning"] and extra["reasoning"]
+    assert msg.content and "</think>" not in msg.content
+    assert reply.usage is not None and reply.usage.completion_tokens == 12
+    assert reply.usage.completion_tokens_details is not None
+    assert reply.usage.completion_tokens_details.reasoning_tokens == 4  # 3 + the forced </think>
+
+    kinds, reasoning, content, usage = [], "", "", None
+    for chunk in ask(client, stream=True, max_reasoning_tokens=3):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            d = c.delta
+            dx = d.model_extra or {}
+            if d.role:
+                kinds.append("role")
+            if dx.get("reasoning_content"):
+                assert dx["reasoning"] == dx["reasoning_content"] and not d.content
+                kinds.append("reasoning")
+                reasoning += dx["reasoning_content"]
+            if d.content:
+                kinds.append("content")
+                content += d.content
+    order = [k for i, k in enumerate(kinds) if i == 0 or kinds[i - 1] != k]
+    assert order == ["role", "reasoning", "content"]
+    assert (reasoning, content) == (extra["reasoning"], msg.content)
+    assert usage is not None and usage.completion_tokens_details is not None
+    assert usage.completion_tokens_details.reasoning_tokens == 4
+
+
+def test_budget_alias_include_reasoning_and_a_uncapped_reply(client: openai.OpenAI):
+    capped = ask(client, max_reasoning_tokens=3).choices[0].message
+    alias = ask(client, thinking_token_budget=3).choices[0].message
+    assert alias == capped
+    with pytest.raises(openai.BadRequestError):
+        ask(client, thinking_token_budget=3, max_reasoning_tokens=3)
+    hidden = ask(client, max_reasoning_tokens=3, include_reasoning=False)
+    assert hidden.choices[0].message.content == capped.content
+    assert "reasoning_content" not in (hidden.choices[0].message.model_extra or {})
+    assert hidden.usage is not None and hidden.usage.completion_tokens_details is not None
+    for chunk in ask(client, stream=True, max_reasoning_tokens=3, include_reasoning=False):
+        for c in chunk.choices:
+            assert "reasoning_content" not in (c.delta.model_extra or {})
+    # No cap: the tiny model never closes the block, so all of it is reasoning.
+    free = ask(client)
+    assert free.choices[0].message.content == ""
+    assert (free.choices[0].message.model_extra or {})["reasoning"]
+    assert free.usage is not None and free.usage.completion_tokens_details is not None
+    assert free.usage.completion_tokens_details.reasoning_tokens == 12
+
+
+def test_structured_output_after_thinking_and_a_length_cut(client: openai.OpenAI):
+    fmt = {"type": "json_schema", "json_schema": {"name": "w", "schema": SCHEMA}}
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=ASK,  # type: ignore[arg-type]
+        max_tokens=60,
+        temperature=0.0,
+        response_format=fmt,  # type: ignore[arg-type]
+        extra_body={"max_reasoning_tokens": 3},
+    )
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop"
+    assert json.loads(choice.message.content or "")["city"] in ("Oslo", "Paris")
+    assert (choice.message.model_extra or {})["reasoning"]
+    cut = client.chat.completions.create(
+        model=MODEL,
+        messages=ASK,  # type: ignore[arg-type]
+        max_tokens=4,
+        temperature=0.0,
+        response_format=fmt,  # type: ignore[arg-type]
+    )
+    assert cut.choices[0].finish_reason == "length" and cut.choices[0].message.content == ""
+    assert (cut.choices[0].message.model_extra or {})["reasoning"]

@@ -1,0 +1,53 @@
+"""Chat completions' reasoning fields, without a server: request parsing and the reply's shape."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from mlxtg.gateway import format as fmt
+from mlxtg.gateway.schemas import ChatCompletionRequest
+from mlxtg.protocol import Delta, FinishReason, ReasoningEffort, ReasoningRequest
+
+ASK = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_reasoning_fields_become_one_request_record():
+    assert ChatCompletionRequest.model_validate(ASK).reasoning() is None
+    req = ChatCompletionRequest.model_validate({**ASK, "thinking_token_budget": 5})
+    assert req.reasoning() == ReasoningRequest(max_tokens=5)
+    req = ChatCompletionRequest.model_validate(
+        {**ASK, "max_reasoning_tokens": 0, "reasoning_effort": "low"}
+    )
+    assert req.reasoning() == ReasoningRequest(effort=ReasoningEffort.LOW, max_tokens=0)
+    for bad in (
+        {"max_reasoning_tokens": 1, "thinking_token_budget": 1},
+        {"max_reasoning_tokens": -1},
+        {"reasoning_effort": "extreme"},
+    ):
+        with pytest.raises(ValidationError):
+            ChatCompletionRequest.model_validate({**ASK, **bad})
+
+
+def test_the_reply_carries_reasoning_only_when_there_is_some():
+    acc = fmt.ChoiceAccumulator(0)
+    acc.add(Delta(request_id="r", text="", reasoning="hm"))
+    acc.add(
+        Delta(
+            request_id="r",
+            text="42",
+            reasoning=" ok",
+            finish_reason=FinishReason.STOP,
+            completion_tokens=5,
+            reasoning_tokens=3,
+        )
+    )
+    msg = acc.chat_choice()["message"]
+    assert msg["reasoning_content"] == msg["reasoning"] == "hm ok" and msg["content"] == "42"
+    assert "reasoning" not in acc.chat_choice(include_reasoning=False)["message"]
+    assert acc.reasoning_tokens == 3
+    assert fmt.usage(1, 5, 0, 3)["completion_tokens_details"] == {"reasoning_tokens": 3}
+    plain = fmt.ChoiceAccumulator(0)
+    plain.add(Delta(request_id="r", text="x", finish_reason=FinishReason.STOP))
+    assert set(plain.chat_choice()["message"]) == {"role", "content", "refusal"}
+    assert "completion_tokens_details" not in fmt.usage(1, 1, 0)
