@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import unicodedata
 from dataclasses import dataclass
 from functools import cache, partial
 from typing import Any
 
-from ..protocol import Accepted, ConstraintKind, Generate, GuidedSpec
+from ..protocol import Accepted, ConstraintKind, Generate, GuidedSpec, ReasoningEffort
 from .loader import LoadedModel
 from .params import RequestError, SamplingParams, check_params, resolve_max_tokens
 from .reasoning import ReasoningPlan, initial_phase, prefix_lark
@@ -39,6 +40,12 @@ class Preprocessor:
             log.info(
                 "this tokenizer may drop text: prompts are not length-checked before tokenising"
             )
+        names = template_variables(loaded.tokenizer.chat_template)
+        # mlx-lm's wrapper renames enable_thinking for templates that call it `thinking`.
+        thinking = getattr(loaded.tokenizer, "_thinking_kwarg", "enable_thinking")
+        self.thinking_switch = "enable_thinking" in names or thinking in names
+        self.takes_effort = "reasoning_effort" in names
+        self._ignored: set[str] = set()  # efforts already logged as ignored
 
     def __call__(self, msg: Generate) -> Request:
         if msg.n < 1:
@@ -165,10 +172,13 @@ class Preprocessor:
                 f"model {self.loaded.spec.name!r} has no chat template; use /v1/completions",
                 param="messages",
             )
-        kwargs = dict(msg.chat_template_kwargs or {})
+        kwargs = {**self._reasoning_kwargs(msg), **(msg.chat_template_kwargs or {})}
+        messages = msg.messages
+        if self.loaded.reasoning is not None:
+            messages = [_with_reasoning_names(m) for m in messages]
         try:
             text = self.tokenizer.apply_chat_template(
-                msg.messages,
+                messages,
                 tools=msg.tools if tools_active else None,
                 add_generation_prompt=True,
                 tokenize=False,
@@ -182,6 +192,35 @@ class Preprocessor:
         # content (earlier reasoning, say), and the render is cheap (0.13 s for 50 MB).
         self._check_fits(text, params)
         return str(text)
+
+    def _reasoning_kwargs(self, msg: Generate) -> dict[str, Any]:
+        """Template variables for the request's thinking switch and effort (explicit
+        chat_template_kwargs override them). An effort the template cannot take is logged
+        once per value and ignored."""
+        req = msg.reasoning
+        if req is None or self.loaded.reasoning is None:
+            return {}
+        kwargs: dict[str, Any] = {}
+        if req.enabled is not None and self.thinking_switch:
+            kwargs["enable_thinking"] = req.enabled
+        effort = req.effort
+        if effort is None:
+            return kwargs
+        if effort is ReasoningEffort.NONE and self.thinking_switch:
+            kwargs.setdefault("enable_thinking", False)
+        elif self.takes_effort:
+            if effort is ReasoningEffort.NONE:
+                self._log_once(effort, "the template cannot turn thinking off; using low")
+                effort = ReasoningEffort.LOW
+            kwargs["reasoning_effort"] = effort.value
+        else:
+            self._log_once(effort, "the chat template takes no reasoning_effort")
+        return kwargs
+
+    def _log_once(self, effort: ReasoningEffort, why: str) -> None:
+        if effort.value not in self._ignored:
+            self._ignored.add(effort.value)
+            log.info("reasoning_effort=%s for %s: %s", effort.value, self.loaded.spec.name, why)
 
     def _reasoning(self, msg: Generate, text: str | None) -> ReasoningPlan | None:
         """A chat request's reasoning plan: where the rendered prompt leaves the model and
@@ -347,6 +386,38 @@ def _longest_decomposition() -> int:
     """How many characters NFC or NFKC may compose into one (4 in Unicode 15): the NFD of
     any character is at most this long."""
     return max(len(unicodedata.normalize("NFD", chr(c))) for c in range(0x110000))
+
+
+_SWITCH_NAMES = re.compile(r"\b(enable_thinking|thinking|reasoning_effort)\b")
+_REASONING_NAMES = ("reasoning_content", "reasoning", "thinking")
+
+
+def template_variables(template: Any) -> frozenset[str]:
+    """The variables a chat template reads from its caller (named templates: all of them);
+    a template Jinja cannot parse here is searched for the reasoning switches' names."""
+    if isinstance(template, dict):
+        template = "\n".join(str(t) for t in template.values())
+    if not isinstance(template, str):
+        return frozenset()
+    import jinja2
+    from jinja2 import meta
+
+    try:
+        env = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"])
+        return frozenset(meta.find_undeclared_variables(env.parse(template)))
+    except jinja2.TemplateError:
+        return frozenset(_SWITCH_NAMES.findall(template))
+
+
+def _with_reasoning_names(message: dict[str, Any]) -> dict[str, Any]:
+    """An assistant message's earlier reasoning under all three names templates read
+    (Qwen3 and GLM read reasoning_content, gpt-oss thinking), from whichever was sent."""
+    if message.get("role") != "assistant":
+        return message
+    text = next((message[k] for k in _REASONING_NAMES if message.get(k)), None)
+    if text is None:
+        return message
+    return {**message, **dict.fromkeys(_REASONING_NAMES, text)}
 
 
 def _detect_tool_format(tokenizer: Any) -> str:
