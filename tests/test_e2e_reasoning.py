@@ -133,3 +133,48 @@ def test_structured_output_after_thinking_and_a_length_cut(client: openai.OpenAI
     )
     assert cut.choices[0].finish_reason == "length" and cut.choices[0].message.content == ""
     assert (cut.choices[0].message.model_extra or {})["reasoning"]
+
+
+# --- Anthropic /v1/messages ------------------------------------------------------------------
+
+
+@pytest.fixture()
+def claude(r1_server: Server):
+    import anthropic
+
+    with anthropic.Anthropic(
+        base_url=r1_server.url, api_key=API_KEY, max_retries=0, timeout=120
+    ) as c:
+        yield c
+
+
+def test_anthropic_thinking_blocks_stream_and_not(claude):
+    kw = {
+        "model": MODEL,
+        "max_tokens": 12,
+        "temperature": 0.0,
+        "messages": ASK,
+        "thinking": {"type": "enabled", "budget_tokens": 3},
+    }
+    msg = claude.messages.create(**kw)
+    kinds = [b.type for b in msg.content]
+    assert kinds == ["thinking", "text"]
+    thinking, text = msg.content
+    assert thinking.thinking and thinking.signature.startswith("mlxtg1.") and text.text
+    assert 5 <= msg.usage.output_tokens <= 12  # 3 thinking, </think>, some text
+
+    with claude.messages.stream(**kw) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    assert [b.type for b in final.content] == ["thinking", "text"]
+    assert final.content[0].thinking == thinking.thinking
+    assert final.content[0].signature == thinking.signature
+    assert final.content[1].text == text.text
+    deltas = [e.delta.type for e in events if e.type == "content_block_delta"]
+    assert deltas.index("signature_delta") < deltas.index("text_delta")
+
+    omitted = claude.messages.create(**{**kw, "thinking": {**kw["thinking"], "display": "omitted"}})
+    assert omitted.content[0].type == "thinking" and omitted.content[0].thinking == ""
+    # Without `thinking` Anthropic returns no thinking block: the reasoning is still split off.
+    plain = claude.messages.create(**{k: v for k, v in kw.items() if k != "thinking"})
+    assert [b.type for b in plain.content] == ["text"]

@@ -51,3 +51,43 @@ def test_the_reply_carries_reasoning_only_when_there_is_some():
     plain.add(Delta(request_id="r", text="x", finish_reason=FinishReason.STOP))
     assert set(plain.chat_choice()["message"]) == {"role", "content", "refusal"}
     assert "completion_tokens_details" not in fmt.usage(1, 1, 0)
+
+
+def test_anthropic_thinking_becomes_a_reasoning_request_and_history():
+    from mlxtg.gateway.anthropic_routes import MessagesRequest, signature, template_messages
+
+    base = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    assert MessagesRequest.model_validate(base).reasoning() is None
+    on = MessagesRequest.model_validate(
+        {**base, "thinking": {"type": "enabled", "budget_tokens": 3}}
+    )
+    assert on.reasoning() == ReasoningRequest(enabled=True, max_tokens=3) and on.shows_thinking
+    off = MessagesRequest.model_validate({**base, "thinking": {"type": "disabled"}})
+    assert off.reasoning() == ReasoningRequest(enabled=False) and not off.shows_thinking
+    effort = MessagesRequest.model_validate({**base, "output_config": {"effort": "max"}})
+    assert effort.reasoning() == ReasoningRequest(effort=ReasoningEffort.MAX)
+    with pytest.raises(ValidationError):
+        MessagesRequest.model_validate({**base, "thinking": {"type": "sometimes"}})
+    history = MessagesRequest.model_validate(
+        {
+            **base,
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "thinking", "thinking": "look", "signature": "s"},
+                        {"type": "redacted_thinking", "data": "xx"},
+                        {"type": "text", "text": "Sunny."},
+                    ],
+                },
+            ],
+        }
+    )
+    assert template_messages(history)[1] == {
+        "role": "assistant",
+        "content": "Sunny.",
+        "reasoning_content": "look",
+    }
+    assert signature("a") == signature("a") != signature("b")
+    assert signature("a").startswith("mlxtg1.") and len(signature("a")) == 29

@@ -9,6 +9,8 @@ have Anthropic's shape (see errors.py).
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import secrets
 import uuid
@@ -19,7 +21,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..protocol import Delta, Generate, SamplingParams
+from ..protocol import Delta, Generate, ReasoningEffort, ReasoningRequest, SamplingParams
 from . import format as fmt
 from .deps import Client, Metrics
 from .errors import APIError, BadRequest, Unauthorized
@@ -54,7 +56,48 @@ class AnthropicMessage(BaseModel):
     content: str | list[dict[str, Any]]
 
 
-class MessagesRequest(NullMeansDefault):
+class ThinkingConfig(BaseModel):
+    """Extended thinking. No 1,024-token minimum budget here (small local models)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: int | None = Field(default=None, ge=0)
+    display: Literal["summarized", "omitted"] | None = None
+
+
+class OutputConfig(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    effort: ReasoningEffort | None = None
+
+
+class _Thinking(BaseModel):
+    """The fields that change how a reasoning model thinks (and so its prompt)."""
+
+    thinking: ThinkingConfig | None = None
+    output_config: OutputConfig | None = None
+
+    def reasoning(self) -> ReasoningRequest | None:
+        effort = self.output_config.effort if self.output_config else None
+        t = self.thinking
+        if t is None and effort is None:
+            return None
+        return ReasoningRequest(
+            enabled=None if t is None else t.type != "disabled",
+            effort=effort,
+            max_tokens=t.budget_tokens if t is not None and t.type == "enabled" else None,
+        )
+
+    @property
+    def shows_thinking(self) -> bool:
+        """Anthropic returns thinking blocks only when thinking is on."""
+        return self.thinking is not None and self.thinking.type != "disabled"
+
+    @property
+    def omits_thinking(self) -> bool:
+        return self.thinking is not None and self.thinking.display == "omitted"
+
+
+class MessagesRequest(_Thinking, NullMeansDefault):
     model_config = ConfigDict(extra="allow")
     model: str
     messages: list[AnthropicMessage] = Field(min_length=1)
@@ -79,7 +122,7 @@ class MessagesRequest(NullMeansDefault):
         )
 
 
-class CountTokensRequest(BaseModel):
+class CountTokensRequest(_Thinking):
     model_config = ConfigDict(extra="allow")
     model: str
     messages: list[AnthropicMessage] = Field(min_length=1)
@@ -140,9 +183,12 @@ def template_messages(body: MessagesRequest | CountTokensRequest) -> list[dict[s
             continue
         texts: list[str] = []
         calls: list[dict[str, Any]] = []
+        thoughts: list[str] = []
         for b in m.content:
             kind = b.get("type")
-            if kind == "text":
+            if kind == "thinking" and m.role == "assistant":
+                thoughts.append(str(b.get("thinking") or ""))  # the template decides
+            elif kind == "text":
                 texts.append(str(b.get("text", "")))
             elif kind == "tool_use" and m.role == "assistant":
                 arguments = json.dumps(b.get("input") or {})
@@ -163,7 +209,7 @@ def template_messages(body: MessagesRequest | CountTokensRequest) -> list[dict[s
                     }
                 )
             elif kind in ("thinking", "redacted_thinking"):
-                continue  # earlier reasoning is not replayed to the model
+                continue  # redacted: nothing readable to replay
             elif kind in ("image", "document"):
                 raise BadRequest(
                     f"{where}: {kind} blocks are not supported (text-only models)", param=where
@@ -174,6 +220,8 @@ def template_messages(body: MessagesRequest | CountTokensRequest) -> list[dict[s
             msg: dict[str, Any] = {"role": m.role, "content": "".join(texts)}
             if calls:
                 msg["tool_calls"] = calls
+            if any(thoughts):
+                msg["reasoning_content"] = "".join(thoughts)
             out.append(msg)
             _prepend_pending(msg, pending)
     if pending:
@@ -239,6 +287,7 @@ def _generate(body: MessagesRequest, rid: str, max_tokens: int | None = None) ->
         parallel_tool_calls=parallel,
         stream=body.stream,
         cache_key=str(user) if user else None,
+        reasoning=body.reasoning(),
     )
 
 
@@ -253,11 +302,11 @@ async def messages(
     rid = f"msg_{uuid.uuid4().hex[:24]}"
     run = Run(client, [_generate(body, rid)], 1)
     if body.stream:
-        return await _stream(run, body.model, rid, metrics)
+        return await _stream(run, body.model, rid, metrics, body)
     return await collect(
         request,
         run,
-        lambda accs: _message_body(rid, body.model, run, accs[0]),
+        lambda accs: _message_body(rid, body.model, run, accs[0], body),
         metrics,
         tokens=lambda b: int(b["usage"]["output_tokens"]),
     )
@@ -274,6 +323,8 @@ async def count_tokens(body: CountTokensRequest, client: Client) -> dict[str, in
         system=body.system,
         tools=body.tools,
         tool_choice=body.tool_choice,
+        thinking=body.thinking,
+        output_config=body.output_config,
     )
     run = Run(client, [_generate(full, f"count_{uuid.uuid4().hex[:24]}", max_tokens=1)], 1)
     async with run:
@@ -306,11 +357,23 @@ def _tool_block(call: dict[str, Any]) -> dict[str, Any]:
     return {"type": "tool_use", "id": call["id"], "name": fn["name"], "input": arguments}
 
 
-def _message_body(rid: str, model: str, run: Run, acc: fmt.ChoiceAccumulator) -> dict[str, Any]:
+def signature(thinking: str) -> str:
+    """An opaque signature for a thinking block (clients send it back; never checked)."""
+    digest = base64.urlsafe_b64encode(hashlib.sha256(thinking.encode()).digest())
+    return "mlxtg1." + digest.decode()[:22]
+
+
+def _message_body(
+    rid: str, model: str, run: Run, acc: fmt.ChoiceAccumulator, body: MessagesRequest
+) -> dict[str, Any]:
     text = "".join(acc.text)
-    content: list[dict[str, Any]] = (
-        [{"type": "text", "text": text}] if text or not acc.tool_calls else []
-    )
+    thinking = "".join(acc.reasoning)
+    content: list[dict[str, Any]] = []
+    if thinking and body.shows_thinking:
+        shown = "" if body.omits_thinking else thinking
+        content.append({"type": "thinking", "thinking": shown, "signature": signature(thinking)})
+    if text or not acc.tool_calls:
+        content.append({"type": "text", "text": text})
     content += [_tool_block(acc.tool_calls[i]) for i in sorted(acc.tool_calls)]
     return {
         "id": rid,
@@ -332,11 +395,15 @@ def _event(kind: str, data: dict[str, Any]) -> bytes:
 
 
 class _Blocks:
-    """Turns deltas into content-block events: text and tool_use blocks, in order."""
+    """Turns deltas into content-block events: thinking, text and tool_use blocks, in
+    order. `thinking`: whether reasoning becomes a thinking block (None: left out;
+    "omitted": a block with no text)."""
 
-    def __init__(self) -> None:
+    def __init__(self, thinking: str | None = None) -> None:
         self.index = -1
-        self.open: str | None = None  # "text" | "tool"
+        self.open: str | None = None  # "thinking" | "text" | "tool"
+        self.thinking = thinking
+        self._thought: list[str] = []
 
     def _start(self, kind: str, block: dict[str, Any]) -> list[bytes]:
         out = self.close()
@@ -347,11 +414,23 @@ class _Blocks:
     def close(self) -> list[bytes]:
         if self.open is None:
             return []
+        out = []
+        if self.open == "thinking":
+            sig = {"type": "signature_delta", "signature": signature("".join(self._thought))}
+            out.append(_event("content_block_delta", {"index": self.index, "delta": sig}))
         self.open = None
-        return [_event("content_block_stop", {"index": self.index})]
+        return [*out, _event("content_block_stop", {"index": self.index})]
 
     def feed(self, delta: Delta) -> list[bytes]:
         out: list[bytes] = []
+        if delta.reasoning and self.thinking is not None:
+            if self.open != "thinking":
+                opening = {"type": "thinking", "thinking": "", "signature": ""}
+                out += self._start("thinking", opening)
+            self._thought.append(delta.reasoning)
+            if self.thinking != "omitted":
+                think = {"type": "thinking_delta", "thinking": delta.reasoning}
+                out.append(_event("content_block_delta", {"index": self.index, "delta": think}))
         if delta.text:
             if self.open != "text":
                 out += self._start("text", {"type": "text", "text": ""})
@@ -383,7 +462,9 @@ class _Blocks:
         return out
 
 
-async def _stream(run: Run, model: str, rid: str, metrics: Any) -> StreamingResponse:
+async def _stream(
+    run: Run, model: str, rid: str, metrics: Any, request: MessagesRequest
+) -> StreamingResponse:
     accepted, headers = await open_stream(run)
 
     async def body() -> AsyncIterator[bytes]:
@@ -406,7 +487,9 @@ async def _stream(run: Run, model: str, rid: str, metrics: Any) -> StreamingResp
             }
             yield _event("message_start", {"message": message})
             yield _event("ping", {})
-            blocks, reason, matched = _Blocks(), None, None
+            shown = "omitted" if request.omits_thinking else "shown"
+            blocks = _Blocks(shown if request.shows_thinking else None)
+            reason, matched = None, None
             async for _, delta in with_keepalive(run.events()):
                 if delta is None:
                     yield _event("ping", {})
