@@ -178,3 +178,51 @@ def test_anthropic_thinking_blocks_stream_and_not(claude):
     # Without `thinking` Anthropic returns no thinking block: the reasoning is still split off.
     plain = claude.messages.create(**{k: v for k, v in kw.items() if k != "thinking"})
     assert [b.type for b in plain.content] == ["text"]
+
+
+# --- Responses /v1/responses -----------------------------------------------------------------
+
+
+def test_responses_reasoning_item_stream_and_not(client: openai.OpenAI):
+    kw = {
+        "model": MODEL,
+        "input": "What is the weather in Oslo?",
+        "max_output_tokens": 60,
+        "temperature": 0.0,
+        "reasoning": {"effort": "low"},
+        # A schema makes the answer end (the tiny model never emits EOS on its own).
+        "text": {"format": {"type": "json_schema", "name": "w", "schema": SCHEMA}},
+        "extra_body": {"max_reasoning_tokens": 3},
+    }
+    resp = client.responses.create(**kw)
+    kinds = [o.type for o in resp.output]
+    assert kinds == ["reasoning", "message"] and resp.status == "completed"
+    assert json.loads(resp.output_text)["city"] in ("Oslo", "Paris")
+    item = resp.output[0]
+    assert item.content and item.content[0].text and item.id.startswith("rs_")
+    assert resp.usage is not None and resp.usage.output_tokens_details.reasoning_tokens == 4
+
+    with client.responses.stream(**kw) as stream:
+        events = [e.type for e in stream]
+        final = stream.get_final_response()
+    assert [o.type for o in final.output] == ["reasoning", "message"]
+    assert final.output[0].content[0].text == item.content[0].text
+    assert final.output_text == resp.output_text
+    assert events.index("response.reasoning_text.done") < events.index("response.output_text.delta")
+
+    # The reasoning item of a stored reply and a resent one reach the next turn alike.
+    nxt = client.responses.create(
+        model=MODEL, input="And tomorrow?", previous_response_id=resp.id, max_output_tokens=1
+    )
+    resent = client.responses.create(
+        model=MODEL,
+        input=[
+            {"role": "user", "content": "What is the weather in Oslo?"},
+            item.model_dump(exclude_none=True),
+            {"role": "assistant", "content": resp.output_text},
+            {"role": "user", "content": "And tomorrow?"},
+        ],
+        max_output_tokens=1,
+    )
+    assert nxt.usage is not None and resent.usage is not None
+    assert nxt.usage.input_tokens == resent.usage.input_tokens

@@ -91,3 +91,30 @@ def test_anthropic_thinking_becomes_a_reasoning_request_and_history():
     }
     assert signature("a") == signature("a") != signature("b")
     assert signature("a").startswith("mlxtg1.") and len(signature("a")) == 29
+
+
+def test_responses_reasoning_items_join_the_next_assistant_message():
+    from mlxtg.gateway.responses_routes import ResponsesRequest, input_messages
+
+    items = [
+        {"role": "user", "content": "hi"},
+        {
+            "type": "reasoning",
+            "id": "rs_1",
+            "summary": [],
+            "content": [{"type": "reasoning_text", "text": "look it up"}],
+        },
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+        {"type": "reasoning", "id": "rs_2", "summary": [{"type": "summary_text", "text": "ok"}]},
+        {"role": "assistant", "content": "Sunny."},
+    ]
+    msgs = input_messages(items)
+    assert msgs[1]["reasoning_content"] == "look it up" and msgs[1]["tool_calls"]
+    assert msgs[3] == {"role": "assistant", "content": "Sunny.", "reasoning_content": "ok"}
+    body = {"model": "m", "input": "hi"}
+    assert ResponsesRequest.model_validate(body).reasoning_request() is None
+    req = ResponsesRequest.model_validate(
+        {**body, "reasoning": {"effort": "high", "summary": "auto"}, "max_reasoning_tokens": 2}
+    )
+    assert req.reasoning_request() == ReasoningRequest(effort=ReasoningEffort.HIGH, max_tokens=2)

@@ -17,11 +17,11 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from .. import paths
 from ..constraints import GuidedError, spec_from_request
-from ..protocol import Generate, GuidedSpec, SamplingParams
+from ..protocol import Generate, GuidedSpec, ReasoningEffort, ReasoningRequest, SamplingParams
 from . import format as fmt
 from .deps import Client, Metrics
 from .errors import APIError, BadRequest, NotFound
@@ -34,6 +34,12 @@ from .streaming import collect, open_stream, with_keepalive
 log = logging.getLogger("mlxtg.gateway")
 
 router = APIRouter(prefix="/v1")
+
+
+class ReasoningParam(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    effort: ReasoningEffort | None = None
+    summary: str | None = None  # no summariser here: the reasoning item carries the text
 
 
 class ResponsesRequest(NullMeansDefault):
@@ -54,6 +60,14 @@ class ResponsesRequest(NullMeansDefault):
     prompt_cache_key: str | None = None
     user: str | None = None
     metadata: dict[str, Any] | None = None
+    reasoning: ReasoningParam | None = None
+    max_reasoning_tokens: int | None = Field(default=None, ge=0)  # our extension
+
+    def reasoning_request(self) -> ReasoningRequest | None:
+        effort = self.reasoning.effort if self.reasoning else None
+        if effort is None and self.max_reasoning_tokens is None:
+            return None
+        return ReasoningRequest(effort=effort, max_tokens=self.max_reasoning_tokens)
 
 
 def _store(request: Request) -> ResponseStore:
@@ -81,7 +95,7 @@ HOSTED_TOOLS = (
     "tool_search",
 )
 # Input items that record what such tools did: nothing for the model to read back.
-SKIPPED_ITEMS = ("reasoning", "web_search_call", "file_search_call", "tool_search_call")
+SKIPPED_ITEMS = ("web_search_call", "file_search_call", "tool_search_call")
 IMAGE_OMITTED = "[image omitted: this model reads text only]"
 
 
@@ -109,6 +123,14 @@ def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     if isinstance(items, str):
         return [{"role": "user", "content": items}]
     out: list[dict[str, Any]] = []
+    thought: list[str] = []  # a reasoning item's text, for the next assistant message
+
+    def reasoned(msg: dict[str, Any]) -> dict[str, Any]:
+        if thought:
+            msg["reasoning_content"] = "".join(thought)
+            thought.clear()
+        return msg
+
     for i, item in enumerate(items):
         kind = item.get("type", "message")
         where = f"input.{i}"
@@ -117,7 +139,11 @@ def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
             role = "system" if role == "developer" else role
             if role not in ("system", "user", "assistant"):
                 raise BadRequest(f"{where}.role: unsupported role {role!r}", param=where)
-            out.append({"role": role, "content": _content_text(item.get("content"), where)})
+            msg = {"role": role, "content": _content_text(item.get("content"), where)}
+            out.append(reasoned(msg) if role == "assistant" else msg)
+        elif kind == "reasoning":
+            parts = item.get("content") or item.get("summary") or []
+            thought += [str(p.get("text", "")) for p in parts if isinstance(p, dict)]
         elif kind == "function_call":
             call = {
                 "id": item.get("call_id"),
@@ -128,7 +154,7 @@ def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
             if last is not None and last["role"] == "assistant" and last.get("tool_calls"):
                 last["tool_calls"].append(call)
             else:
-                out.append({"role": "assistant", "content": "", "tool_calls": [call]})
+                out.append(reasoned({"role": "assistant", "content": "", "tool_calls": [call]}))
         elif kind == "function_call_output":
             output = item.get("output", "")
             text = output if isinstance(output, str) else _content_text(output, where, True)
@@ -246,6 +272,7 @@ async def create(body: ResponsesRequest, request: Request, client: Client, metri
         stream=body.stream,
         guided=_guided(body),
         cache_key=session,
+        reasoning=body.reasoning_request(),
     )
     run = Run(client, [gen], 1)
     shell = _shell(rid, body, run)
@@ -259,6 +286,8 @@ async def create(body: ResponsesRequest, request: Request, client: Client, metri
         out = dict(shell, **_outcome(rid, acc, run))
         if body.store is not False:
             reply: dict[str, Any] = {"role": "assistant", "content": "".join(acc.text)}
+            if acc.reasoning:  # a chain renders what a client resending its items would
+                reply["reasoning_content"] = "".join(acc.reasoning)
             if acc.tool_calls:
                 reply["tool_calls"] = [acc.tool_calls[i] for i in sorted(acc.tool_calls)]
             _store(request).put(out, items, history + turn + [reply], session)
@@ -361,26 +390,40 @@ def _call_item(call: dict[str, Any], status: str = "completed") -> dict[str, Any
     }
 
 
-def _usage(run: Run, output_tokens: int) -> dict[str, Any]:
+def _reasoning_item(rid: str, text: str, status: str = "completed") -> dict[str, Any]:
+    done = status == "completed"
+    return {
+        "type": "reasoning",
+        "id": f"rs_{rid[5:]}",
+        "summary": [],
+        "content": [{"type": "reasoning_text", "text": text}] if done else [],
+        "encrypted_content": None,
+        "status": status,
+    }
+
+
+def _usage(run: Run, output_tokens: int, reasoning_tokens: int = 0) -> dict[str, Any]:
     return {
         "input_tokens": run.prompt_tokens,
         "input_tokens_details": {"cached_tokens": run.cached_tokens},
         "output_tokens": output_tokens,
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
         "total_tokens": run.prompt_tokens + output_tokens,
     }
 
 
 def _outcome(rid: str, acc: fmt.ChoiceAccumulator, run: Run) -> dict[str, Any]:
     text = "".join(acc.text)
-    output = [_message_item(rid, text)] if text or not acc.tool_calls else []
+    thought = "".join(acc.reasoning)
+    output = [_reasoning_item(rid, thought)] if thought else []
+    output += [_message_item(rid, text)] if text or not acc.tool_calls else []
     output += [_call_item(acc.tool_calls[i]) for i in sorted(acc.tool_calls)]
     length = acc.finish_reason == "length"
     return {
         "status": "incomplete" if length else "completed",
         "incomplete_details": {"reason": "max_output_tokens"} if length else None,
         "output": output,
-        "usage": _usage(run, acc.completion_tokens),
+        "usage": _usage(run, acc.completion_tokens, acc.reasoning_tokens),
     }
 
 
@@ -399,6 +442,51 @@ class _Events:
         return f"event: {kind}\ndata: {json.dumps(payload)}\n\n".encode()
 
 
+class _ReasoningItem:
+    """The streamed reasoning item: opened by the first reasoning text, closed before the
+    first answer text or tool call (or at the end)."""
+
+    def __init__(self, rid: str, ev: _Events):
+        self.rid, self.ev = rid, ev
+        self.id = f"rs_{rid[5:]}"
+        self.index = -1  # output index, once open
+        self.text: list[str] = []
+        self.state = "new"  # new | open | closed
+
+    def _at(self) -> dict[str, Any]:
+        return {"item_id": self.id, "output_index": self.index, "content_index": 0}
+
+    def feed(self, text: str, index: int) -> list[bytes]:
+        if self.state == "closed":
+            return []
+        out = []
+        if self.state == "new":
+            self.state, self.index = "open", index
+            item = _reasoning_item(self.rid, "", "in_progress")
+            out.append(self.ev("response.output_item.added", output_index=index, item=item))
+            part = {"type": "reasoning_text", "text": ""}
+            out.append(self.ev("response.content_part.added", **self._at(), part=part))
+        self.text.append(text)
+        out.append(self.ev("response.reasoning_text.delta", **self._at(), delta=text))
+        return out
+
+    def close(self) -> list[bytes]:
+        if self.state != "open":
+            return []
+        self.state = "closed"
+        text = "".join(self.text)
+        part = {"type": "reasoning_text", "text": text}
+        return [
+            self.ev("response.reasoning_text.done", **self._at(), text=text),
+            self.ev("response.content_part.done", **self._at(), part=part),
+            self.ev(
+                "response.output_item.done",
+                output_index=self.index,
+                item=_reasoning_item(self.rid, text),
+            ),
+        ]
+
+
 async def _stream(
     run: Run, shell: dict[str, Any], rid: str, finish: Any, metrics: Any
 ) -> StreamingResponse:
@@ -407,6 +495,7 @@ async def _stream(
     async def body() -> AsyncIterator[bytes]:
         ev, acc, status = _Events(), fmt.ChoiceAccumulator(0), "aborted"  # until done is sent
         text_index: int | None = None  # output index of the message item, once open
+        thought = _ReasoningItem(rid, ev)
         calls: dict[int, int] = {}  # tool call index -> output index
         next_index = 0
         try:
@@ -418,6 +507,13 @@ async def _stream(
                 if delta is None:
                     continue
                 acc.add(delta)
+                if delta.reasoning:
+                    for event in thought.feed(delta.reasoning, next_index):
+                        yield event
+                    next_index = max(next_index, thought.index + 1)
+                if delta.text or delta.tool_calls:
+                    for event in thought.close():
+                        yield event
                 if delta.text:
                     if text_index is None:
                         text_index, next_index = next_index, next_index + 1
@@ -460,6 +556,8 @@ async def _stream(
                             output_index=calls[frag.index],
                             delta=piece,
                         )
+            for event in thought.close():
+                yield event
             final = finish(acc)
             text = "".join(acc.text)
             if text_index is not None:
