@@ -390,3 +390,68 @@ def test_the_prefix_is_part_of_the_compile_cache_key(models):
     state = c.new_state(guided_json(), prefix)
     mask = state.mask()
     assert mask[END_THINK] and not mask[loaded.eos_ids[0]]  # no EOS inside the reasoning
+
+
+# --- prompt cache across turns -----------------------------------------------------------------
+
+
+def _turns(loaded, cache: RamPrefixCache, turns: int) -> list:
+    """A conversation of `turns` user turns on one engine, each answer sent back as the
+    client would (content only); the ACCEPTED of every turn."""
+    from mlxtg.protocol import Accepted
+
+    eng = Engine(
+        loaded,
+        PromptCache(cache),
+        scheduler=Scheduler(max_batch=4, max_queued=4, chunk_tokens=512),
+    )
+    messages: list[dict] = []
+    accepted = []
+    for t in range(turns):
+        messages.append({"role": "user", "content": f"question number {t} about the weather"})
+        msg = Generate(
+            request_id=f"t{t}",
+            model="m",
+            params=SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+            messages=list(messages),
+            reasoning=ReasoningRequest(max_tokens=2),
+        )
+        inputs, answer = [Preprocessor(loaded)(msg)], ""
+        while True:
+            for m in eng.step(inputs):
+                if isinstance(m, Accepted):
+                    accepted.append(m)
+                for d in m.deltas if isinstance(m, Output) else []:
+                    answer += d.text
+            inputs = []
+            if eng.idle:
+                break
+        messages.append({"role": "assistant", "content": answer})
+    return accepted
+
+
+@pytest.fixture(scope="module")
+def r1_swa(tmp_path_factory):
+    path = build_reasoning_model(tmp_path_factory.mktemp("swa") / "m", "r1", arch="llama_swa")
+    return load(ModelSpec(model_id_or_path=str(path)))
+
+
+def test_untrimmable_caches_keep_the_prompt_before_the_reasoning_tail(r1_swa):
+    accepted = _turns(r1_swa, RamPrefixCache(1 << 30, min_tokens=4), 3)
+    # Each turn's prompt ends "<|im_start|>assistant\n<think>\n": the next turn renders that
+    # turn without "<think>\n", so only a checkpoint before it can be reused.
+    for before, after in zip(accepted, accepted[1:], strict=False):
+        assert after.cache_source == "ram"
+        assert before.prompt_tokens - 3 <= after.cached_tokens < before.prompt_tokens
+
+
+def test_a_miss_names_the_dropped_reasoning(models):
+    from mlxtg.worker.reasoning import reasoning_at
+
+    loaded = models["r1", "auto"]
+    cache = RamPrefixCache(1 << 30, min_tokens=4, explain=reasoning_at(loaded.reasoning))
+    accepted = _turns(loaded, cache, 2)
+    reason = accepted[1].cache_miss_reason or ""
+    assert reason.startswith("reasoning_dropped_at_token_"), reason
+    plain = _turns(loaded, RamPrefixCache(1 << 30, min_tokens=4), 2)
+    assert (plain[1].cache_miss_reason or "").startswith("diverged_at_token_")

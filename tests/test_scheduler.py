@@ -203,3 +203,20 @@ def test_a_burst_behind_one_early_starter_prefills_together():
     lone.add(req("long", 4000))
     plan = lone.schedule()
     assert plan.partial is not None and plan.partial.size == 512  # still chunked
+
+
+def test_a_boundary_ends_a_chunk_of_its_own():
+    s = Scheduler(max_batch=8, max_queued=8, chunk_tokens=512)
+    r = req("tail", 30)
+    r.boundary = 26
+    s.add(r)
+    s.add(req("other", 5))
+    plan = s.schedule()
+    assert plan.partial is not None and (plan.partial.start, plan.partial.end) == (0, 26)
+    assert not plan.final  # the boundary chunk runs alone
+    run_plan(s, plan)
+    plan = s.schedule()
+    assert [(c.request.request_id, c.start, c.end) for c in plan.final] == [
+        ("tail", 26, 30),
+        ("other", 0, 5),
+    ]

@@ -151,6 +151,9 @@ class Engine:
             req.cache = found.cache if found.cache is not None else self.runner.new_cache()
             req.num_computed = found.tokens if found.cache is not None else 0
             source, miss = found.source, found.miss_reason
+            tail = getattr(payload, "tail_at", 0)
+            if tail > max(req.num_computed, 0) and not plain(req.cache):
+                req.boundary = tail  # trimmable caches are sliced there anyway
         return [
             Accepted(
                 request_id=req.request_id,
@@ -284,6 +287,8 @@ class Engine:
             _, failed = self._guarded(lambda: self._prefill_chunk(chunk), [req])
             if not failed:
                 self.scheduler.complete(chunk)
+                if chunk.end == req.boundary:  # the next turn's prompt starts with this
+                    self.prompt_cache.checkpoint(req.prompt[: chunk.end], req.cache)
             out += failed
         deltas: list[Delta] = []
         for group in self._groups(plan.final):

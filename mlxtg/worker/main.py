@@ -117,6 +117,7 @@ def _build_runtime(config: Config, settings: EngineSettings) -> tuple[Any, Any, 
     from .prefix_cache import RamPrefixCache
     from .preprocess import Preprocessor
     from .prompt_cache import PromptCache
+    from .reasoning import reasoning_at
 
     loaded = load(ModelSpec.from_wire(config.model))
     guided = None
@@ -127,7 +128,11 @@ def _build_runtime(config: Config, settings: EngineSettings) -> tuple[Any, Any, 
         guided = GuidedCompiler(loaded.tokenizer, loaded.vocab_size)
     except ImportError:  # llguidance missing: constrained requests get a clear 400
         log.warning("llguidance is not installed: guided decoding disabled")
-    ram = RamPrefixCache(settings.cache_ram_bytes, min_tokens=settings.cache_min_tokens)
+    ram = RamPrefixCache(
+        settings.cache_ram_bytes,
+        min_tokens=settings.cache_min_tokens,
+        explain=reasoning_at(loaded.reasoning) if loaded.reasoning is not None else None,
+    )
     disk = None
     if settings.cache_disk_bytes > 0:
         from .. import paths

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,10 +114,19 @@ def _slice(cache: list[Any], n: int) -> list[Any]:
 class RamPrefixCache:
     """LRU of KV caches within a byte budget and an entry count."""
 
-    def __init__(self, max_bytes: int, max_entries: int = 64, min_tokens: int = 16):
+    def __init__(
+        self,
+        max_bytes: int,
+        max_entries: int = 64,
+        min_tokens: int = 16,
+        explain: Callable[[Any, int], bool] | None = None,
+    ):
         self.max_bytes = max_bytes
         self.max_entries = max_entries
         self.min_tokens = min_tokens
+        # Reasoning models: whether a divergence at token N is the template dropping the
+        # reasoning the stored tokens hold there (reasoning.reasoning_at).
+        self.explain = explain
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
         self._next_id = 0
         self.nbytes = 0
@@ -156,7 +166,8 @@ class RamPrefixCache:
         # model generated them: say so, it is the classic cause of poor reuse.
         reason = None
         if best < len(entry.tokens) - 1 and best < len(tokens) - 1:
-            reason = f"diverged_at_token_{best}"
+            dropped = self.explain is not None and self.explain(entry.tokens, best)
+            reason = f"{'reasoning_dropped' if dropped else 'diverged'}_at_token_{best}"
         cache = copy.deepcopy(entry.cache) if entry.exact else _slice(entry.cache, best)
         return Hit(best, cache, "ram", reason)
 

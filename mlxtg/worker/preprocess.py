@@ -20,7 +20,7 @@ from typing import Any
 from ..protocol import Accepted, ConstraintKind, Generate, GuidedSpec, ReasoningEffort
 from .loader import LoadedModel
 from .params import RequestError, SamplingParams, check_params, resolve_max_tokens
-from .reasoning import ReasoningPlan, initial_phase, prefix_lark
+from .reasoning import Phase, ReasoningPlan, initial_phase, prefix_lark, tail_start
 from .scheduler import Request
 from .sequence import RequestPayload
 from .tool_calls import detect_format, make_parser
@@ -83,6 +83,13 @@ class Preprocessor:
             parser_factory=parser_factory,
             cache_key=msg.cache_key,
             reasoning=reasoning,
+            # The template wrote a reasoning opening or an empty block: the next turn
+            # shares the prompt only up to it.
+            tail_at=(
+                tail_start(reasoning.fmt, prompt)
+                if reasoning is not None and reasoning.phase is not Phase.MAYBE
+                else 0
+            ),
             continues_prompt=msg.messages is None,
             echo_text=(
                 str(self.tokenizer.decode(prompt))

@@ -25,6 +25,7 @@ __all__ = [
     "detect",
     "initial_phase",
     "prefix_lark",
+    "tail_start",
 ]
 
 PARSERS = ("auto", "none", "think", "harmony")
@@ -183,6 +184,34 @@ def initial_phase(fmt: ReasoningFormat, prompt_text: str) -> Phase:
     if fmt.answer_start and tail.rstrip().endswith(fmt.answer_start):
         return Phase.ANSWER
     return Phase.MAYBE
+
+
+_TAIL_TOKENS = 16  # where a generation prompt's opening or closed block sits
+
+
+def tail_start(fmt: ReasoningFormat, prompt: Sequence[int]) -> int:
+    """Where the template's reasoning tail (an opened `<think>\n` or a closed empty block)
+    starts in the prompt's last tokens, or 0. The next turn renders this turn without it,
+    so the prompt up to here is what the next prompt shares."""
+    ids = fmt.start_ids
+    if not ids:
+        return 0
+    first = max(len(prompt) - _TAIL_TOKENS, 0)
+    for i in range(len(prompt) - len(ids), first - 1, -1):
+        if tuple(prompt[i : i + len(ids)]) == ids:
+            return i
+    return 0
+
+
+def reasoning_at(fmt: ReasoningFormat) -> Any:
+    """`explain(tokens, n)` for the prompt cache: True when a start marker begins at
+    position n of stored tokens (the next turn's template dropped that reasoning)."""
+    ids = fmt.start_ids
+
+    def explain(tokens: Sequence[int], n: int) -> bool:
+        return bool(ids) and tuple(int(t) for t in tokens[n : n + len(ids)]) == ids
+
+    return explain
 
 
 def _held(text: str, tag: str) -> int:

@@ -39,6 +39,9 @@ class Request:
     cache: Any = None  # its own batch-1 KV cache while prefilling
     payload: Any = None  # everything else the engine needs (params, guide, parser...)
     prompt_scores: list[Any] = field(default_factory=list)  # scored chunks so far (echo)
+    # A prefill chunk ends exactly here (0: none), so the engine can checkpoint an
+    # untrimmable cache at it (a reasoning template's tail, which the next turn drops).
+    boundary: int = 0
 
     @property
     def remaining(self) -> int:
@@ -153,6 +156,11 @@ class Scheduler:
         free = self.max_batch - len(self.running)
         longest = 0
         for req in self.order():
+            if req.num_computed < req.boundary:  # a chunk of its own that ends there
+                if not plan.final:
+                    end = min(req.boundary, req.num_computed + budget)
+                    plan.partial = PrefillChunk(req, req.num_computed, end)
+                break
             # A request bigger than the whole batch still runs, alone.
             if req.n > free and (free < self.max_batch or plan.final):
                 if self.holds_line(req):

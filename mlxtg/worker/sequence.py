@@ -24,6 +24,7 @@ class RequestPayload:
     parser_factory: Any = None  # () -> ToolCallParser, when tool calls are parsed
     cache_key: str | None = None  # prompt_cache_key / user: keeps a session's cache
     reasoning: ReasoningPlan | None = None  # chat with a reasoning model
+    tail_at: int = 0  # where the template's reasoning tail starts in the prompt (0: none)
     continues_prompt: bool = False  # completions: the text goes on from the prompt's text
     echo_text: str | None = None  # `echo` of a token-id prompt: its text, for ACCEPTED
 
