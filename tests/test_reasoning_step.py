@@ -455,3 +455,35 @@ def test_a_miss_names_the_dropped_reasoning(models):
     assert reason.startswith("reasoning_dropped_at_token_"), reason
     plain = _turns(loaded, RamPrefixCache(1 << 30, min_tokens=4), 2)
     assert (plain[1].cache_miss_reason or "").startswith("diverged_at_token_")
+
+
+# --- harmony (gpt-oss style): analysis channel, then final ----------------------------------
+
+
+def test_harmony_analysis_then_a_forced_final_channel(tmp_path_factory):
+    import json
+
+    import jsonschema
+
+    from mlxtg.worker.guided import GuidedCompiler
+
+    path = build_reasoning_model(tmp_path_factory.mktemp("harmony") / "m", "harmony")
+    loaded = load(ModelSpec(model_id_or_path=str(path)))
+    fmt = loaded.reasoning
+    assert fmt is not None and fmt.name == "harmony"
+    channel = loaded.tokenizer.get_vocab()["<|channel|>"]
+    out = run(
+        loaded,
+        GuidedCompiler(loaded.tokenizer, loaded.vocab_size),
+        guided=guided_json(),
+        max_tokens=60,
+        ignore_eos=False,
+        logit_bias={channel: 50.0},  # the grammar lets the header be analysis or final
+        reasoning=ReasoningRequest(max_tokens=2),
+    )
+    assert out.finish == "stop" and out.reasoning
+    jsonschema.validate(json.loads(out.text), SCHEMA)
+    # The header, 2 reasoning tokens, then the whole multi-token end marker, forced.
+    head = len(fmt.start_ids)
+    assert out.tokens[: head + 2 + len(fmt.end_ids)][-len(fmt.end_ids) :] == list(fmt.end_ids)
+    assert out.reasoning_tokens == head + 2 + len(fmt.end_ids)
