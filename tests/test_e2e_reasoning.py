@@ -15,6 +15,7 @@ from reasoning_models import build_reasoning_model
 pytestmark = pytest.mark.slow
 
 MODEL = "r1-tiny"
+QWEN3 = "qwen3-tiny"
 ASK = [{"role": "user", "content": "What is the weather in Oslo?"}]
 SCHEMA = {
     "type": "object",
@@ -29,9 +30,18 @@ SCHEMA = {
 
 @pytest.fixture(scope="module")
 def r1_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server with both template styles: R1 (the prompt opens <think>) and Qwen3 (the
+    model may open it; enable_thinking false closes an empty block)."""
     home = tmp_path_factory.mktemp("home")
-    path = build_reasoning_model(tmp_path_factory.mktemp("r1") / MODEL, "r1")
-    srv = start_server(Path(home), ["--model", str(path)])
+    r1 = build_reasoning_model(tmp_path_factory.mktemp("r1") / MODEL, "r1")
+    qwen3 = build_reasoning_model(tmp_path_factory.mktemp("qwen3") / QWEN3, "qwen3")
+    config = Path(home) / "models.yaml"
+    config.write_text(
+        "max_resident_models: 2\nmodels:\n"
+        f"  - model_id_or_path: {r1}\n    model_name: {MODEL}\n"
+        f"  - model_id_or_path: {qwen3}\n    model_name: {QWEN3}\n"
+    )
+    srv = start_server(Path(home), ["--config", str(config)])
     yield srv
     assert srv.stop() == 0, srv.log.read_text()
 
@@ -226,3 +236,23 @@ def test_responses_reasoning_item_stream_and_not(client: openai.OpenAI):
     )
     assert nxt.usage is not None and resent.usage is not None
     assert nxt.usage.input_tokens == resent.usage.input_tokens
+
+
+def test_effort_none_turns_a_switchable_template_off(client: openai.OpenAI):
+    def reply(**extra):
+        return client.chat.completions.create(
+            model=QWEN3,
+            messages=ASK,  # type: ignore[arg-type]
+            max_tokens=6,
+            temperature=0.0,
+            logit_bias={"1020": 100},  # <think>: the model opens a block whenever it may
+            extra_body={"ignore_eos": True, **extra},
+        )
+
+    on = reply(max_reasoning_tokens=0)
+    assert (on.choices[0].message.model_extra or {}).get("reasoning") is None  # empty block
+    assert on.usage is not None and on.usage.completion_tokens_details is not None
+    assert on.usage.completion_tokens_details.reasoning_tokens == 2  # <think></think>
+    off = reply(reasoning_effort="none")  # the template pre-fills an empty block
+    assert off.choices[0].message.content == "<think>" * 6
+    assert off.usage is not None and off.usage.completion_tokens_details is None
