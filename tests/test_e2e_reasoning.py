@@ -256,3 +256,10 @@ def test_effort_none_turns_a_switchable_template_off(client: openai.OpenAI):
     off = reply(reasoning_effort="none")  # the template pre-fills an empty block
     assert off.choices[0].message.content == "<think>" * 6
     assert off.usage is not None and off.usage.completion_tokens_details is None
+
+
+def test_status_names_the_reasoning_format(r1_server: Server, client: openai.OpenAI):
+    ask(client)  # the first model is loaded and answering
+    models = {m["name"]: m for m in r1_server.status()["models"]}
+    facts = (models[MODEL].get("worker") or {}).get("facts", {})
+    assert facts.get("reasoning", "").startswith("think(")

@@ -37,6 +37,8 @@ def print_status(data: dict[str, Any]) -> None:
             f"  worker      pid {w['pid']}  model {m['name']}  {m['state']}  rss {_mb(w.get('rss_bytes'))}"
             f"  up {_dur(w.get('uptime'))}  blas {w.get('facts', {}).get('blas', '-')}"
         )
+        if w.get("facts", {}).get("reasoning"):
+            typer.echo(f"              reasoning {w['facts']['reasoning']}")
         typer.echo(
             f"              running {st.get('running', 0)}  queued {st.get('queued', 0)}"
             f"  {st.get('tokens_per_s', 0)} tok/s  generated {st.get('tokens_generated', 0)} tok"

@@ -289,6 +289,7 @@ class Supervisor:
             "fingerprint": msg.fingerprint,
             "vocab_size": msg.vocab_size,
             "blas": msg.blas,
+            "reasoning": msg.reasoning,
             "load_seconds": msg.load_seconds,
         }
         self.counters["model_loads"] += 1
