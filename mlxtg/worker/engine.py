@@ -462,6 +462,8 @@ class Engine:
 
             snap["mlx_active_bytes"] = int(mx.get_active_memory())
             snap["mlx_peak_bytes"] = int(mx.get_peak_memory())
+            # Freed buffers MLX keeps for reuse: what RSS holds beyond active memory.
+            snap["mlx_cache_bytes"] = int(mx.get_cache_memory())
             snap["rss_bytes"] = int(psutil.Process().memory_info().rss)
         except Exception:  # stats must never break a step
             pass
