@@ -105,7 +105,7 @@ def fast_tokenizer(model, normalizer=None, pre_tokenizer=None, added=()):
 def test_the_bound_only_trusts_tokenizers_that_keep_every_character():
     from tokenizers import AddedToken, models, normalizers, pre_tokenizers
 
-    from mlxtg.worker.preprocess import WHITESPACE, LengthBound, _longest_decomposition
+    from mlxtg.worker.length_bound import WHITESPACE, LengthBound, _longest_decomposition
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(alphabet)} | {"ĠHello": 256}
