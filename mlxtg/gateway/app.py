@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,7 +14,7 @@ from fastapi.responses import JSONResponse, Response
 
 from .. import __version__
 from ..protocol import ControlOp
-from . import openapi
+from . import openapi, ui
 from .anthropic_routes import router as anthropic_router
 from .client import SupervisorClient
 from .deps import Client, Metrics, require_key
@@ -73,6 +75,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     # Its own auth: x-api-key or Bearer.
     app.include_router(anthropic_router, dependencies=[accepting])
     app.include_router(_admin_router(), dependencies=[Depends(require_key)])
+    ui.install(app)  # the page itself is open: it holds no data, its calls take the key
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -127,11 +130,15 @@ def _admin_router() -> Any:
         )
 
     @router.get("/admin/status")
-    async def admin_status(client: Client) -> dict[str, Any]:
+    async def admin_status(client: Client, metrics: Metrics) -> dict[str, Any]:
         data = (await client.control(ControlOp.STATUS)).data
-        import os
-
-        data["gateway"] = {"pid": os.getpid()}
+        data["gateway"] = {
+            "pid": os.getpid(),
+            # The clock the workers' timestamps (stats.last_step) compare to: idle times.
+            "time": time.time(),
+            # This gateway's last prompt cache misses, with the worker's reason.
+            "cache_misses": metrics.recent_misses(),
+        }
         return data
 
     @router.post("/admin/evict", dependencies=[Depends(require_json)])

@@ -1,12 +1,19 @@
-"""Prometheus metrics of the gateway (GET /metrics), one registry per app."""
+"""Prometheus metrics of the gateway (GET /metrics), one registry per app.
+
+Latencies carry the model's name, so the dashboard shows them per worker. The last prompt
+cache misses (with the worker's reason, e.g. `diverged_at_token_812`) are kept in a short
+ring for GET /admin/status: a reason with a token position is no Prometheus label.
+"""
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
+MISSES_KEPT = 20
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -20,12 +27,14 @@ class GatewayMetrics:
         self.ttft = Histogram(
             "mlxtg_time_to_first_token_seconds",
             "Time to first token",
+            ["model"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.itl = Histogram(
             "mlxtg_inter_token_seconds",
             "Time between streamed tokens of one choice",
+            ["model"],
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=r,
         )
@@ -34,6 +43,7 @@ class GatewayMetrics:
             "mlxtg_cached_prompt_tokens", "Prompt tokens served from the KV cache", registry=r
         )
         self.generated_tokens = Counter("mlxtg_generated_tokens", "Tokens generated", registry=r)
+        self.misses: deque[dict[str, Any]] = deque(maxlen=MISSES_KEPT)
 
     def request_done(self, status: str) -> None:
         self.requests.labels(status=status).inc()
@@ -43,7 +53,26 @@ class GatewayMetrics:
         self.cached_tokens.inc(run.cached_tokens)
         self.generated_tokens.inc(completion_tokens)
         if run.first_token_at is not None:
-            self.ttft.observe(max(0.0, run.first_token_at - run.started_at))
+            self.ttft.labels(model=run.model).observe(max(0.0, run.first_token_at - run.started_at))
+        for facts in run.facts:
+            if facts.cache_miss_reason:
+                self.misses.append(
+                    {
+                        "time": time.time(),
+                        "model": run.model,
+                        "reason": facts.cache_miss_reason,
+                        "source": facts.cache_source,
+                        "cached_tokens": facts.cached_tokens,
+                        "prompt_tokens": facts.prompt_tokens,
+                    }
+                )
+
+    def inter_token(self, model: str, seconds: float) -> None:
+        self.itl.labels(model=model).observe(seconds)
+
+    def recent_misses(self) -> list[dict[str, Any]]:
+        """The last prompt cache misses (and partial hits with a reason), newest first."""
+        return list(reversed(self.misses))
 
     def render(self, extra: bytes = b"") -> bytes:
         return generate_latest(self.registry) + extra

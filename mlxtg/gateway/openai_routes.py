@@ -227,7 +227,7 @@ async def _stream(
                     completion_tokens += 1
                     now = time.monotonic()
                     if index in last_token_at:
-                        metrics.itl.observe(now - last_token_at[index])
+                        metrics.inter_token(run.model, now - last_token_at[index])
                     last_token_at[index] = now
                 reasoning_tokens += delta.reasoning_tokens  # set on final deltas only
                 for chunk in _chunks(

@@ -58,6 +58,11 @@ class Run:
         await self._stack.__aexit__(*exc)
 
     @property
+    def model(self) -> str:
+        """The model's name as the request gave it (the supervisor matches names exactly)."""
+        return self._gens[0].model
+
+    @property
     def prompt_tokens(self) -> int:
         return sum(f.prompt_tokens for f in self.facts)
 
