@@ -8,10 +8,15 @@ def req(rid, n_tokens, n=1, max_tokens=1):
 
 
 def run_plan(s, plan):
+    """What the engine does with a plan: complete chunks, start the planned choices."""
+    for more in plan.slices:
+        s.start(more.request, more.choices)
+        s.join([more.request.request_id] * more.choices)
     for chunk in plan.prefill:
+        pending = chunk.request.pending
         s.complete(chunk)
         if chunk.is_last:
-            s.join([chunk.request.request_id] * chunk.request.n)
+            s.join([chunk.request.request_id] * (chunk.choices or pending))
 
 
 def running(s, count):
@@ -101,7 +106,7 @@ def test_the_least_work_starts_first():
     assert started(s.schedule()) == ["short"]
 
 
-def test_an_overtaken_request_holds_the_line_until_its_rows_are_free():
+def test_an_overtaken_request_holds_the_line_and_takes_the_rows_that_free():
     s = Scheduler(max_batch=4, max_queued=64, chunk_tokens=4096, max_overtakes=2)
     running(s, 3)
     s.add(req("big", 10, n=2, max_tokens=100))
@@ -113,32 +118,66 @@ def test_an_overtaken_request_holds_the_line_until_its_rows_are_free():
         s.running.pop()  # ... and finishing
     assert s.waiting[0].overtaken == 2 and s.holds_line(s.waiting[0])
     s.add(req("short2", 10, max_tokens=8))
-    assert started(s.schedule()) == []  # a row is free, but it is big's turn
-    s.running.pop()
     plan = s.schedule()
-    assert started(plan) == ["big"]  # 2 rows free: big, then short2 would not fit
+    # big's turn: its prompt is prefilled and one choice takes the one free row.
+    assert started(plan) == ["big"] and plan.final[0].choices == 1
+    run_plan(s, plan)
+    big = s.waiting[0]
+    assert big.request_id == "big" and big.pending == 1 and big.overtaken == 0
+    assert s.schedule().empty is False and not s.schedule().slices  # no row free
+    s.running.pop()
+    plan = s.schedule()  # one row: short2 is less work than big's other choice
+    assert started(plan) == ["short2"] and not plan.slices
     run_plan(s, plan)
     s.running.pop()
-    assert started(s.schedule()) == ["short2"]
+    plan = s.schedule()
+    assert [(m.request.request_id, m.choices) for m in plan.slices] == [("big", 1)]
+    run_plan(s, plan)
+    assert not s.waiting
+
+
+def test_a_request_bigger_than_the_batch_starts_in_slices_and_leaves_rows_to_others():
+    s = Scheduler(max_batch=4, max_queued=64, chunk_tokens=4096)
+    s.add(req("huge", 10, n=10, max_tokens=1000))
+    plan = s.schedule()
+    assert started(plan) == ["huge"] and plan.final[0].choices == 4  # every free row
+    run_plan(s, plan)
+    assert s.waiting[0].pending == 6 and s.waiting[0].remaining == 0
+    s.add(req("short", 10, max_tokens=8))
+    plan = s.schedule()
+    assert plan.empty is False and not plan.prefill and not plan.slices  # no row is free
+    s.running.pop()  # one of huge's choices ends: the short request gets its row
+    plan = s.schedule()
+    assert started(plan) == ["short"] and not plan.slices
+    run_plan(s, plan)
+    s.running = s.running[:2]  # two rows free: huge's next slice, nothing to prefill
+    plan = s.schedule()
+    assert [(m.request.request_id, m.choices) for m in plan.slices] == [("huge", 2)]
+    assert not plan.prefill
+    run_plan(s, plan)
+    s.running = []
+    plan = s.schedule()
+    assert [(m.request.request_id, m.choices) for m in plan.slices] == [("huge", 4)]
+    run_plan(s, plan)
+    assert not s.waiting and len(s.running) == 4
 
 
 def test_a_request_bigger_than_the_batch_is_not_starved():
     s = Scheduler(max_batch=4, max_queued=64, chunk_tokens=4096, max_overtakes=3)
-    running(s, 1)
+    running(s, 4)
     s.add(req("huge", 10, n=6, max_tokens=100))
     for i in range(3):
+        s.running.pop(0)
         s.add(req(f"short{i}", 10, max_tokens=8))
         plan = s.schedule()
-        assert started(plan) == [f"short{i}"]  # "huge" runs alone: only on an empty batch
+        assert started(plan) == [f"short{i}"]  # less work than "huge"
         run_plan(s, plan)
-        s.running.pop(0)
     s.add(req("late", 10, max_tokens=8))
-    assert started(s.schedule()) == []  # "huge" holds the line: the batch drains
-    s.running = []
+    s.running.pop(0)
     plan = s.schedule()
-    assert started(plan) == ["huge"]
+    assert started(plan) == ["huge"]  # "huge" holds the line: it takes the free row
     run_plan(s, plan)
-    assert len(s.running) == 6 and started(s.schedule()) == []
+    assert s.waiting[0].request_id == "huge" and s.waiting[0].pending == 5
 
 
 def test_a_prompt_being_chunked_is_finished_before_new_work_starts():
@@ -158,10 +197,11 @@ def test_a_prompt_being_chunked_is_finished_before_new_work_starts():
     assert started(s.schedule()) == ["short"]
 
 
-def test_request_larger_than_batch_runs_alone():
+def test_request_larger_than_batch_starts_with_every_row():
     s = Scheduler(max_batch=4, max_queued=4, chunk_tokens=100)
     s.add(req("big", 10, n=6))
-    assert [c.request.request_id for c in s.schedule().prefill] == ["big"]
+    plan = s.schedule()
+    assert [(c.request.request_id, c.choices) for c in plan.prefill] == [("big", 4)]
 
 
 def test_queue_bound_and_abort():

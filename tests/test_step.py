@@ -201,6 +201,69 @@ def test_a_short_request_overtakes_one_whose_choices_do_not_fit(loaded):
     assert all(log.tokens[("big", j)] == ref.tokens[("big", j)] for j in range(3))
 
 
+@pytest.mark.parametrize("seeded", [False, True])
+def test_a_request_with_more_choices_than_rows_starts_in_slices(loaded, seeded):
+    """n > max_batch: the prompt is prefilled once, choices start as rows free, a short
+    request that arrives meanwhile gets a row before the big one's last choices, and every
+    choice's tokens are those it has when all start together."""
+    params = {"temperature": 1.0, "seed": 11} if seeded else {}
+    wide = engine(loaded)
+    ref = drain(wide, Log().take(wide.step([request(loaded, "big", "many", n=6, **params)])))
+    eng = engine(loaded, max_batch=2, chunk_tokens=4096)
+    log = Log().take(eng.step([request(loaded, "big", "many", n=6, **params)]))
+    assert sorted(k for k in log.tokens if k[0] == "big") == [("big", 0), ("big", 1)]
+    big = eng.scheduler.waiting[0]
+    assert big.pending == 4 and big.remaining == 0 and big.first_logits is not None
+    computed = eng.runner.prompt_tokens_computed
+    log.take(eng.step([request(loaded, "small", "hi", max_tokens=3)]))
+    first: dict[tuple[str, int], int] = {}
+    for step in range(1, 200):
+        before = set(log.tokens)
+        log.take(eng.step())
+        for key in set(log.tokens) - before:
+            first[key] = step
+        if eng.idle:
+            break
+    # big's prompt was prefilled once, not once per slice.
+    small_prompt = log.accepted["small"].prompt_tokens
+    assert eng.idle and eng.runner.prompt_tokens_computed == computed + small_prompt
+    # The first rows to free go to "small" (less work) and to big's next slice together.
+    assert first[("small", 0)] <= min(first[("big", j)] for j in range(2, 6))
+    for j in range(6):
+        assert log.tokens[("big", j)] == ref.tokens[("big", j)], j
+        assert log.finish[("big", j)] == "length"
+    assert not eng.scheduler.waiting and big.cache is None and big.first_logits is None
+
+
+def test_a_slice_started_from_a_batched_prefill_matches(loaded):
+    """A sliced request prefilled in a padded batch keeps its own row of the batch cache."""
+    wide = engine(loaded)
+    ref = drain(
+        wide,
+        Log().take(
+            wide.step([request(loaded, "a", "one"), request(loaded, "big", "a longer one", n=3)])
+        ),
+    )
+    eng = engine(loaded, max_batch=2, chunk_tokens=4096)
+    log = Log().take(
+        eng.step([request(loaded, "a", "one"), request(loaded, "big", "a longer one", n=3)])
+    )
+    assert set(log.tokens) == {("a", 0), ("big", 0)}  # one padded prefill, one row each
+    drain(eng, log)
+    assert log.tokens == ref.tokens
+
+
+def test_aborting_a_request_with_choices_still_waiting(loaded):
+    eng = engine(loaded, max_batch=2, chunk_tokens=4096)
+    log = Log().take(eng.step([request(loaded, "big", "many", n=5, max_tokens=20)]))
+    log.take(eng.step([Abort(request_id="big")]))
+    assert log.finish[("big", 0)] == "abort" and log.finish[("big", 1)] == "abort"
+    assert not eng.scheduler.waiting and eng.idle
+    log.take(eng.step([request(loaded, "next", "after")]))
+    drain(eng, log)
+    assert len(log.tokens[("next", 0)]) == 8
+
+
 def test_logprobs_and_stop_in_the_pipelined_step(loaded):
     eng = engine(loaded)
     log = drain(

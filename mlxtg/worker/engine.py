@@ -291,6 +291,12 @@ class Engine:
                     self.prompt_cache.checkpoint(req.prompt[: chunk.end], req.cache)
             out += failed
         deltas: list[Delta] = []
+        for more in plan.slices:
+            req = more.request
+            work = partial(self._start_slice, req, more.choices)
+            started, failed = self._guarded(work, [req])
+            deltas += started or []
+            out += failed
         for group in self._groups(plan.final):
             started, failed = self._guarded(partial(self._start, group), [c.request for c in group])
             deltas += started or []
@@ -328,8 +334,9 @@ class Engine:
         return ([batch] if batch else []) + alone
 
     def _start(self, chunks: list[PrefillChunk]) -> list[Delta]:
-        """Prefill the rests of these prompts, sample every choice's first token, and
-        join the choices that go on into the decode batch."""
+        """Prefill the rests of these prompts, sample the first token of the choices the
+        plan starts, and join those that go on into the decode batch. A request whose other
+        choices must wait for rows keeps its prompt cache and first-token logits."""
         reqs = [c.request for c in chunks]
         rests = [r.prompt[c.start :] for r, c in zip(reqs, chunks, strict=True)]
         batch: list[Any] | None = None
@@ -340,36 +347,32 @@ class Engine:
             logits = self.runner.prefill_alone(reqs[0].cache, rests[0])
         else:
             batch, logits = self.runner.prefill_batch([r.cache for r in reqs], rests)
+        assert logits is not None
+        takes = [c.choices or r.pending for r, c in zip(reqs, chunks, strict=True)]
+        for i, r in enumerate(reqs):
+            if not plain(r.cache):
+                self.prompt_cache.checkpoint(r.prompt, r.cache)
+            if takes[i] < r.n:  # the rest of its choices start later, from these
+                r.first_logits = logits[i : i + 1]
+                if batch is not None:
+                    r.cache = [c.extract(i) for c in batch]
+                mx.eval(r.first_logits, [c.state for c in r.cache])
         for c in chunks:
             self.scheduler.complete(c)
-        assert logits is not None
 
         seqs: list[Sequence] = []
         owner: list[int] = []  # which prompt (row of `logits`) each choice comes from
         for i, r in enumerate(reqs):
-            scored = entries(self.token_bytes, r.prompt, r.prompt_scores) if r.prompt_scores else None
-            for j in range(r.n):
-                seq = self._new_sequence(r, r.payload, j)
-                seq.prompt_logprobs = scored
-                seqs.append(seq)
-                owner.append(i)
+            seqs += self._choices(r, r.started - takes[i], takes[i])
+            owner += [i] * takes[i]
         if owner != list(range(len(reqs))):
             logits = logits[mx.array(owner)]
-        result = sample(logits, [s.row for s in seqs], self._masks(seqs))
-        deltas = [
-            self._advance(s, i, result) if s.max_tokens > 0 else s.finish_empty()
-            for i, s in enumerate(seqs)
-        ]
-
-        live = [k for k, s in enumerate(seqs) if not s.finished]
+        deltas, live = self._first_tokens(seqs, logits)
         for i, r in enumerate(reqs):
-            session = r.payload.cache_key
-            if not plain(r.cache):
-                self.prompt_cache.checkpoint(r.prompt, r.cache)
-            if not any(owner[k] == i for k in live):
+            if r.pending == 0 and not any(owner[k] == i for k in live):
                 # Every choice ended at its first token: the prompt's cache is still worth keeping.
                 cache = r.cache if batch is None else [c.extract(i) for c in batch]
-                self.prompt_cache.store_prompt(r.prompt, cache, session)
+                self.prompt_cache.store_prompt(r.prompt, cache, r.payload.cache_key)
         if live:
             if batch is None:
                 rows = self.runner.as_batch(reqs[0].cache, len(live))
@@ -378,8 +381,55 @@ class Engine:
             self.runner.join(rows)
             self.scheduler.join([seqs[k] for k in live])
         for r in reqs:
-            r.cache = None
+            if r.pending == 0:
+                self._release(r)
         return deltas
+
+    def _start_slice(self, req: Request, count: int) -> list[Delta]:
+        """Start `count` more choices of a request whose prompt is already prefilled, from
+        its kept prompt cache and first-token logits (no forward pass)."""
+        first = req.started
+        self.scheduler.start(req, count)
+        seqs = self._choices(req, first, count)
+        logits = req.first_logits[mx.zeros(count, dtype=mx.int32)]
+        deltas, live = self._first_tokens(seqs, logits)
+        if req.pending == 0 and not live:
+            self.prompt_cache.store_prompt(req.prompt, req.cache, req.payload.cache_key)
+        if live:
+            self.runner.join(self.runner.as_batch(req.cache, len(live)))
+            self.scheduler.join([seqs[k] for k in live])
+        if req.pending == 0:
+            self._release(req)
+        return deltas
+
+    def _choices(self, req: Request, first: int, count: int) -> list[Sequence]:
+        """New sequences for choices first..first+count-1 (the index seeds each one, so a
+        choice's output does not depend on when it starts)."""
+        scored = (
+            entries(self.token_bytes, req.prompt, req.prompt_scores) if req.prompt_scores else None
+        )
+        seqs = []
+        for j in range(first, first + count):
+            seq = self._new_sequence(req, req.payload, j)
+            seq.prompt_logprobs = scored
+            seqs.append(seq)
+        return seqs
+
+    def _first_tokens(
+        self, seqs: list[Sequence], logits: mx.array
+    ) -> tuple[list[Delta], list[int]]:
+        """Sample each new choice's first token; the deltas and the rows that go on."""
+        result = sample(logits, [s.row for s in seqs], self._masks(seqs))
+        deltas = [
+            self._advance(s, i, result) if s.max_tokens > 0 else s.finish_empty()
+            for i, s in enumerate(seqs)
+        ]
+        return deltas, [k for k, s in enumerate(seqs) if not s.finished]
+
+    @staticmethod
+    def _release(req: Request) -> None:
+        req.cache = None
+        req.first_logits = None
 
     def _new_sequence(self, req: Request, payload: RequestPayload, index: int) -> Sequence:
         params, plan = payload.params, payload.reasoning

@@ -9,12 +9,19 @@ waiting prompts. Prompts whose rest fits the budget are finished together as one
 budget gets one chunk of its own per step, so a long prompt arriving never stalls running
 streams for more than one chunk.
 
-Admission is fair: a request starts only when its `n` choices fit in the decode batch
+Admission is fair: a request starts when its `n` choices fit in the decode batch
 (`max_batch`), but one that does not fit never blocks later ones that do, and the request
-asking for the least decode work (n x max_tokens) goes first, so a short request is not
-stuck behind a giant one. No request starves: one that later arrivals have overtaken
-`max_overtakes` times holds the line (nothing else starts until it has), and a prompt
-whose prefill has begun is finished first.
+asking for the least decode work (choices not started x max_tokens) goes first, so a short
+request is not stuck behind a giant one. No request starves: one that later arrivals have
+overtaken `max_overtakes` times holds the line (nothing else starts until it has), and a
+prompt whose prefill has begun is finished first.
+
+Choices are the unit of admission, not requests. A request that can never fit (n >
+max_batch) or that holds the line starts in slices: as many choices as there are free rows.
+Its prompt is prefilled once; the rest of its choices wait, with nothing left to prefill,
+and compete for rows as they free up like any other waiting work, so one request with a
+huge `n` cannot hold every row until all of its choices are done. Running sequences are
+never preempted: a short request waits at most until one row frees.
 """
 
 from __future__ import annotations
@@ -42,14 +49,21 @@ class Request:
     # A prefill chunk ends exactly here (0: none), so the engine can checkpoint an
     # untrimmable cache at it (a reasoning template's tail, which the next turn drops).
     boundary: int = 0
+    started: int = 0  # choices in the decode batch (or done); > 0: the prompt is prefilled
+    first_logits: Any = None  # (1, V) next-token logits kept for choices not yet started
 
     @property
     def remaining(self) -> int:
         return len(self.prompt) - self.num_computed
 
     @property
+    def pending(self) -> int:
+        """Choices not started yet."""
+        return self.n - self.started
+
+    @property
     def work(self) -> int:
-        return self.n * self.max_tokens
+        return self.pending * self.max_tokens
 
 
 @dataclass(slots=True)
@@ -57,6 +71,7 @@ class PrefillChunk:
     request: Request
     start: int
     end: int
+    choices: int = 0  # choices to start when this chunk ends the prompt (0: all of them)
 
     @property
     def is_last(self) -> bool:
@@ -68,10 +83,19 @@ class PrefillChunk:
 
 
 @dataclass(slots=True)
+class Slice:
+    """More choices of a request whose prompt is already prefilled."""
+
+    request: Request
+    choices: int
+
+
+@dataclass(slots=True)
 class StepPlan:
     decode: bool = False
     partial: PrefillChunk | None = None  # a non-final chunk of a long prompt, run alone
     final: list[PrefillChunk] = field(default_factory=list)  # prompts that finish this step
+    slices: list[Slice] = field(default_factory=list)  # prefilled requests' next choices
 
     @property
     def prefill(self) -> list[PrefillChunk]:
@@ -79,7 +103,7 @@ class StepPlan:
 
     @property
     def empty(self) -> bool:
-        return not self.decode and not self.prefill
+        return not self.decode and not self.prefill and not self.slices
 
 
 class QueueFull(Exception):
@@ -156,13 +180,20 @@ class Scheduler:
         free = self.max_batch - len(self.running)
         longest = 0
         for req in self.order():
+            if req.started:  # prefilled: its next choices need rows, no prompt tokens
+                if free:
+                    plan.slices.append(Slice(req, min(free, req.pending)))
+                    free -= plan.slices[-1].choices
+                    continue
+                if self.holds_line(req):
+                    break
+                continue
             if req.num_computed < req.boundary:  # a chunk of its own that ends there
                 if not plan.final:
                     end = min(req.boundary, req.num_computed + budget)
                     plan.partial = PrefillChunk(req, req.num_computed, end)
                 break
-            # A request bigger than the whole batch still runs, alone.
-            if req.n > free and (free < self.max_batch or plan.final):
+            if req.n > free and not (free and self.sliced(req)):
                 if self.holds_line(req):
                     break  # the rows that free up are its own
                 continue  # later, smaller requests may take the free rows
@@ -170,15 +201,21 @@ class Scheduler:
             rest = max(longest, req.remaining) if self.padded else req.remaining
             cost = rows * rest if self.padded else sum(c.size for c in plan.final) + rest
             if cost <= budget:
-                plan.final.append(PrefillChunk(req, req.num_computed, len(req.prompt)))
-                longest, free = rest, free - req.n
+                take = min(req.n, free)
+                plan.final.append(PrefillChunk(req, req.num_computed, len(req.prompt), take))
+                longest, free = rest, free - take
                 continue
             if not plan.final:  # too long for one step: a chunk of its own
                 end = req.num_computed + budget
                 plan.partial = PrefillChunk(req, req.num_computed, end)
             break
-        self._count_overtakes({id(c.request) for c in plan.prefill})
+        self._count_overtakes({id(c.request) for c in plan.prefill + plan.slices})
         return plan
+
+    def sliced(self, req: Request) -> bool:
+        """Whether `req` may start with fewer rows than its `n`: it can never fit, or it
+        has waited long enough that the rows that free up are its own."""
+        return req.n > self.max_batch or self.holds_line(req)
 
     def order(self) -> list[Request]:
         """Waiting requests in the order they may start: prompts already being prefilled,
@@ -215,11 +252,19 @@ class Scheduler:
         return min(self.idle_chunk_tokens, self.chunk_tokens * max(1, per_stream))
 
     def complete(self, chunk: PrefillChunk) -> None:
-        """Record a finished chunk; a request whose prompt is done leaves the queue."""
+        """Record a finished chunk; a request whose prompt is done starts its choices."""
         chunk.request.num_computed = chunk.end
         chunk.request.chunked = not chunk.is_last
-        if chunk.is_last and chunk.request in self.waiting:
-            self.waiting.remove(chunk.request)
+        if chunk.is_last:
+            self.start(chunk.request, chunk.choices or chunk.request.pending)
+
+    def start(self, request: Request, choices: int) -> None:
+        """`choices` more of the request's choices entered the decode batch; once all have,
+        it leaves the queue. Its overtake count restarts: it has just had its turn."""
+        request.started += choices
+        request.overtaken = 0
+        if request.pending <= 0 and request in self.waiting:
+            self.waiting.remove(request)
 
     @property
     def idle(self) -> bool:
