@@ -17,6 +17,7 @@ Flow of a generation:
 
 Worker lifecycle:
     worker --HELLO--> supervisor --CONFIG--> worker --READY--> supervisor
+    worker --PROGRESS--> supervisor (between CONFIG and READY: download, quantise, load, warm-up)
     worker --HEARTBEAT--> supervisor (about once a second: load, memory, cache counters)
 
 Operator control (status, evict, load, cache stats/clear, shutdown):
@@ -47,6 +48,7 @@ class MsgType(StrEnum):
     HELLO = "HELLO"
     CONFIG = "CONFIG"
     READY = "READY"
+    PROGRESS = "PROGRESS"
     HEARTBEAT = "HEARTBEAT"
     GENERATE = "GENERATE"
     ACCEPTED = "ACCEPTED"
@@ -66,6 +68,17 @@ class ControlOp(StrEnum):
     CACHE_STATS = "cache_stats"
     CACHE_CLEAR = "cache_clear"
     SHUTDOWN = "shutdown"
+
+
+class LoadPhase(StrEnum):
+    """What a loading worker is doing. `starting` is the supervisor's own: the process is up
+    but has not reported a phase yet (imports, handshake)."""
+
+    STARTING = "starting"
+    DOWNLOAD = "download"  # fetching files from the Hugging Face Hub
+    QUANTIZE = "quantize"  # converting to the configured quant (once; the result is kept)
+    LOAD = "load"  # reading the weights into memory
+    WARMUP = "warmup"  # tokenizer, constraint compiler, caches: everything after the weights
 
 
 class FinishReason(StrEnum):
@@ -118,6 +131,19 @@ class Ready(Message):
     load_seconds: float = 0.0
     error: str | None = None
     reasoning: str = ""  # the reasoning format, e.g. "think(<think>,</think>)"; "" = none
+
+
+class Progress(Message):
+    """How far a loading worker has got (worker -> supervisor, between CONFIG and READY; at
+    most a few per second, and one at each phase change). `done` and `total` count `unit`s
+    ("bytes", "files", "layers"); both None where the worker cannot know how far it is."""
+
+    TYPE: ClassVar[MsgType] = MsgType.PROGRESS
+    worker_id: str
+    phase: LoadPhase
+    done: int | None = None
+    total: int | None = None
+    unit: str = ""
 
 
 class Heartbeat(Message):
@@ -274,6 +300,7 @@ MESSAGE_CLASSES: dict[MsgType, type[Message]] = {
         Hello,
         Config,
         Ready,
+        Progress,
         Heartbeat,
         Generate,
         Accepted,

@@ -1,5 +1,9 @@
 """Load a model and its tokenizer with mlx-lm, and describe it (context length, fingerprint).
 
+Loading reports its progress (progress.py): the download (download.py), the quantisation
+(quantize.py), the weights read one layer at a time, then the warm-up (tokenizer onwards;
+the worker's main adds the constraint compiler and caches to it).
+
 The fingerprint identifies exactly what produces the KV cache: weights, quantisation,
 adapter, tokenizer and cache dtype. Cache slots are keyed by it, so a slot can never be
 loaded into a different model.
@@ -14,7 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..models import ModelSpec, resolve_model_path
+from ..models import ModelSpec
+from ..protocol import LoadPhase
+from .download import fetch
+from .progress import NO_PROGRESS, ProgressSink
 from .reasoning import ReasoningFormat, detect
 
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
@@ -34,23 +41,33 @@ class LoadedModel:
     reasoning: ReasoningFormat | None = None  # the markers the model thinks between
 
 
-def load(spec: ModelSpec) -> LoadedModel:
-    """Load `spec` (local path or a Hugging Face id already resolved to a local folder)."""
+def load(spec: ModelSpec, progress: ProgressSink = NO_PROGRESS) -> LoadedModel:
+    """Load `spec` (a local path, or a Hugging Face id: downloaded if missing)."""
     import mlx.core as mx
     from mlx_lm.utils import load_adapters, load_model, load_tokenizer
 
+    from .quantize import ensure_quantized, layer_groups
+
     started = time.monotonic()
-    source = resolve_model_path(spec.source_path(), revision=spec.revision)
+    source = fetch(spec.source_path(), spec.revision, progress)
+    tok_source = (
+        fetch(spec.tokenizer_id_or_path, None, progress) if spec.tokenizer_id_or_path else None
+    )
     path = source
     if spec.quant != "none":
-        from .quantize import ensure_quantized
-
-        path = ensure_quantized(source, spec.quant, spec.quant_group_size)
-    model, config = load_model(path, lazy=False, model_config=spec.model_config_ or {})
+        path = ensure_quantized(source, spec.quant, spec.quant_group_size, progress)
+    progress.phase(LoadPhase.LOAD)
+    model, config = load_model(path, lazy=True, model_config=spec.model_config_ or {})
+    groups = layer_groups(model)
+    progress.phase(LoadPhase.LOAD, total=len(groups), unit="layers")
+    for done, arrays in enumerate(groups, 1):
+        mx.eval(arrays)  # reads this layer's weights
+        progress.update(done)
+    progress.phase(LoadPhase.WARMUP)
     if spec.adapter_path:
         model = load_adapters(model, str(spec.adapter_path))
         model.eval()
-    tok_path = resolve_model_path(spec.tokenizer_id_or_path) if spec.tokenizer_id_or_path else path
+    tok_path = tok_source or path
     tokenizer = load_tokenizer(
         tok_path, spec.tokenizer_config or {}, eos_token_ids=config.get("eos_token_id")
     )

@@ -24,12 +24,14 @@ from ..protocol import (
     Config,
     EngineSettings,
     Hello,
+    Progress,
     Ready,
     decode,
     encode,
 )
 from .blas import describe_blas
 from .io import Shutdown, WorkerIO
+from .progress import LoadReporter, ProgressSink
 from .scheduler import Scheduler
 
 log = logging.getLogger("mlxtg.worker")
@@ -66,10 +68,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     settings = config.engine
 
-    # 2. Load the model; a failure is reported, not raised.
+    # 2. Load the model, reporting progress (the reporter's thread owns the socket until
+    # stop()); a failure is reported, not raised.
+    def send(msg: Progress) -> None:
+        sock.send_multipart(encode(msg))
+
+    reporter = LoadReporter(args.worker_id, send).start()
     try:
-        runtime = _build_runtime(config, settings)
+        runtime = _build_runtime(config, settings, reporter)
     except Exception as exc:
+        reporter.stop()
         log.exception("model load failed")
         sock.send_multipart(
             encode(
@@ -83,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         sock.close()
         ctx.term()
         return 1
+    reporter.stop()
     loaded, engine, preprocess = runtime
     blas = describe_blas()
     log.info("model %s loaded in %.1fs; BLAS: %s", loaded.spec.name, loaded.load_seconds, blas)
@@ -110,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _build_runtime(config: Config, settings: EngineSettings) -> tuple[Any, Any, Any]:
+def _build_runtime(
+    config: Config, settings: EngineSettings, progress: ProgressSink
+) -> tuple[Any, Any, Any]:
     from ..models import ModelSpec
     from .engine import Engine
     from .loader import load
@@ -119,7 +130,7 @@ def _build_runtime(config: Config, settings: EngineSettings) -> tuple[Any, Any, 
     from .prompt_cache import PromptCache
     from .reasoning import reasoning_at
 
-    loaded = load(ModelSpec.from_wire(config.model))
+    loaded = load(ModelSpec.from_wire(config.model), progress)  # ends in the warm-up phase
     guided = None
     try:
         from .guided import GuidedCompiler
