@@ -131,6 +131,8 @@ def status(sup: Supervisor) -> dict[str, Any]:
             "pinned": spec.pinned,
             "state": "unloaded",
             "waiting": sup.router.waiting(spec.name),
+            "progress": None,  # while loading: LoadProgress.view (the dashboard reads it)
+            "last_load": sup.last_loads.get(spec.name),
         }
         entry.update(sup.cards.get(spec))
         if handle is not None:
@@ -144,6 +146,8 @@ def status(sup: Supervisor) -> dict[str, Any]:
                 )
             )
             entry["worker"] = handle.describe(sup.router.inflight(handle.worker_id))
+            if handle.loading and handle.progress is not None:
+                entry["progress"] = handle.progress.view()
         models.append(entry)
     return {
         "version": __version__,

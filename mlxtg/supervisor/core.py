@@ -34,6 +34,7 @@ from ..protocol import (
     Message,
     MsgType,
     Output,
+    Progress,
     ProtocolError,
     Ready,
     decode,
@@ -43,6 +44,7 @@ from ..protocol import (
 from . import control
 from .config import ServerSettings
 from .control import ModelCards
+from .load_progress import phase_summary
 from .pool import WorkerPool
 from .processes import WorkerHandle, WorkerState, rss_bytes, weights_bytes, worker_config
 from .residency import (
@@ -99,6 +101,8 @@ class Supervisor:
             ),
         )
         self._weights: dict[str, int] = {}  # per model, measured once
+        # Per model, its last finished load (ok or not): phase timings outlive the progress.
+        self.last_loads: dict[str, dict[str, Any]] = {}
         self.started = time.time()
         self.cards = ModelCards(self.started)
         self.stopping = False
@@ -142,6 +146,14 @@ class Supervisor:
     def status(self) -> dict[str, Any]:
         """What `mlxtg status` shows (control.status)."""
         return control.status(self)
+
+    def loading(self) -> dict[str, dict[str, Any]]:
+        """The progress of every model loading now (LoadProgress.view), by model."""
+        return {
+            h.name: h.progress.view()
+            for h in self.pool.workers.values()
+            if h.loading and h.progress is not None
+        }
 
     def warm_up(self) -> None:
         """Load the first configured model at start-up, so the first request is fast."""
@@ -250,6 +262,9 @@ class Supervisor:
             self._send_config(handle)
         elif isinstance(msg, Ready):
             self._ready(handle, msg)
+        elif isinstance(msg, Progress):
+            if handle.progress is not None:
+                handle.progress.report(msg)
         elif isinstance(msg, Heartbeat):
             now = time.monotonic()
             prev, prev_at = handle.stats.get("tokens_generated", 0), handle.last_heartbeat
@@ -272,7 +287,18 @@ class Supervisor:
         handle.state = WorkerState.LOADING
         self.send_worker(handle, worker_config(handle, self.settings))
 
+    def _load_finished(self, handle: WorkerHandle, error: str | None = None) -> str:
+        """Keep the load's record (its phase timings) and drop its progress; the record
+        as words for the log."""
+        if handle.progress is None:
+            return ""
+        record = handle.progress.record(error)
+        handle.progress = None
+        self.last_loads[handle.name] = record
+        return f"in {record['seconds']:.1f}s: {phase_summary(record['phases'])}"
+
     def _ready(self, handle: WorkerHandle, msg: Ready) -> None:
+        took = self._load_finished(handle, msg.error)
         if msg.error:
             log.error("model %s failed to load: %s", handle.name, msg.error)
             self.counters["load_failures"] += 1
@@ -293,7 +319,7 @@ class Supervisor:
             "load_seconds": msg.load_seconds,
         }
         self.counters["model_loads"] += 1
-        log.info("model %s ready (worker BLAS: %s)", handle.name, msg.blas)
+        log.info("model %s ready %s (worker BLAS: %s)", handle.name, took, msg.blas)
         for waiting in self.router.take(handle.name):
             self._dispatch(handle, waiting.gateway, waiting.msg)
 
@@ -469,6 +495,7 @@ class Supervisor:
             self.exit_code = 1
             self.stopping = True
         if handle.ready_at is None:
+            self._load_finished(handle, f"the worker exited while loading (code {code})")
             self.wanted.pop(handle.name, None)
             self._fail_pending(
                 handle.name,

@@ -19,6 +19,7 @@ from ..models import ModelSpec
 from ..protocol import Config, EngineSettings
 from ..quant import BITS
 from .config import ServerSettings
+from .load_progress import LoadProgress
 
 log = logging.getLogger("mlxtg.supervisor")
 
@@ -43,10 +44,15 @@ class WorkerHandle:
     stats: dict[str, Any] = field(default_factory=dict)
     last_heartbeat: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
+    progress: LoadProgress | None = field(default_factory=LoadProgress)  # None once loaded
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def loading(self) -> bool:
+        return self.state in (WorkerState.STARTING, WorkerState.LOADING)
 
     def describe(self, inflight: int = 0) -> dict[str, Any]:
         return {
