@@ -51,6 +51,7 @@ class Request:
     boundary: int = 0
     started: int = 0  # choices in the decode batch (or done); > 0: the prompt is prefilled
     first_logits: Any = None  # (1, V) next-token logits kept for choices not yet started
+    source: Any = None  # the GENERATE it was prepared from (a distributed rank 0 shares it)
 
     @property
     def remaining(self) -> int:
