@@ -206,10 +206,14 @@ def _serve(settings: Any) -> int:
     typer.echo(
         f"mlxtg {__version__} serving {', '.join(settings.model_names())} at {url}/v1 (home {paths.home()})"
     )
+    from .progress import make_view
+
+    loads = make_view(log.info)  # bars on a terminal, log lines in a log file
     code = 0
     try:
         while not sup.stopping:
             sup.step()
+            loads.show(sup.loading())
             if gateway.poll() is not None:
                 if drain.started_at is None:
                     typer.echo(f"error: the gateway exited (code {gateway.returncode})", err=True)
@@ -222,6 +226,7 @@ def _serve(settings: Any) -> int:
                 code = 1
                 break
     finally:
+        loads.close()
         stop_process(gateway)
         sup.close()
         paths.server_file().unlink(missing_ok=True)
@@ -335,13 +340,36 @@ def evict(
 @app.command()
 def load(
     model: Annotated[str, typer.Argument(help="Configured model to load now.")],
+    no_wait: Annotated[
+        bool, typer.Option("--no-wait", help="Return at once instead of showing the progress.")
+    ] = False,
     url: UrlOpt = None,
     port: PortOpt = None,
     api_key: KeyOpt = None,
 ) -> None:
-    """Pre-warm a configured model."""
-    data = _client(url, port, api_key).post("/admin/load", {"model": model})
+    """Pre-warm a configured model, showing its progress until it is ready."""
+    from .progress import follow, make_view
+
+    client = _client(url, port, api_key)
+    before = next(
+        (m.get("last_load") for m in client.get("/admin/status")["models"] if m["name"] == model),
+        None,
+    )
+    data = client.post("/admin/load", {"model": model})
     typer.echo(f"{data['model']}: {data['state']}")
+    if no_wait:
+        return
+    try:
+        ok, line = follow(
+            lambda: client.get("/admin/status"), data["model"], make_view(typer.echo), before
+        )
+    except KeyboardInterrupt:
+        typer.echo(f"stopped watching; {data['model']} goes on loading in the server", err=True)
+        raise typer.Exit(130) from None
+    if not ok:
+        typer.echo(f"error: {line}", err=True)
+        raise typer.Exit(1)
+    typer.echo(line)
 
 
 @app.command("create-config")

@@ -7,6 +7,9 @@ from typing import Any
 
 import typer
 
+from ..supervisor.load_progress import phase_summary
+from .progress import describe
+
 
 def _mb(n: Any) -> str:
     return f"{n / 2**20:.0f} MiB" if isinstance(n, int | float) else "-"
@@ -29,6 +32,7 @@ def print_status(data: dict[str, Any]) -> None:
         w = m.get("worker")
         if not w:
             typer.echo(f"  worker      -      model {m['name']}  {m['state']}")
+            _last_load(m)
             continue
         st = w.get("stats", {})
         ram = st.get("prefix_cache") or {}
@@ -37,6 +41,10 @@ def print_status(data: dict[str, Any]) -> None:
             f"  worker      pid {w['pid']}  model {m['name']}  {m['state']}  rss {_mb(w.get('rss_bytes'))}"
             f"  up {_dur(w.get('uptime'))}  blas {w.get('facts', {}).get('blas', '-')}"
         )
+        if m.get("progress"):
+            typer.echo(f"              {describe(m['progress'])}")
+            continue  # no engine yet: nothing else to show
+        _last_load(m)
         if w.get("facts", {}).get("reasoning"):
             typer.echo(f"              reasoning {w['facts']['reasoning']}")
         typer.echo(
@@ -48,6 +56,17 @@ def print_status(data: dict[str, Any]) -> None:
             f"              cache RAM {ram.get('entries', 0)} entries {_mb(ram.get('bytes', 0))}"
             f" hits {ram.get('hits', 0)} misses {ram.get('misses', 0)} | {_disk(disk)}"
         )
+
+
+def _last_load(m: dict[str, Any]) -> None:
+    last = m.get("last_load")
+    if not last:
+        return
+    if last.get("ok"):
+        took = phase_summary(last.get("phases") or {})
+        typer.echo(f"              loaded in {last.get('seconds', 0):.1f}s ({took})")
+    else:
+        typer.echo(f"              last load failed: {last.get('error')}")
 
 
 def _disk(disk: dict[str, Any]) -> str:
