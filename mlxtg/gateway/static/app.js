@@ -39,7 +39,8 @@ async function start() {
   try {
     await getJSON("admin/status");
   } catch (err) {
-    if (err.status === 401) return askForKey();
+    // A 401 has already brought the key form up (onUnauthorized), saying whether a key was refused.
+    if (err.status === 401) return;
     // Other errors (the supervisor restarting, …): the dashboard shows them as it polls.
   }
   $("#auth").hidden = true;
