@@ -59,8 +59,8 @@ def dash(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     assert srv.stop() == 0, srv.log.read_text()
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
+def headless_chromium() -> Iterator[Any]:
+    """A headless chromium under Selenium, quit when the generator closes (for fixtures)."""
     binary, driver_path = _chromium()
     options = webdriver.ChromeOptions()
     options.binary_location = binary
@@ -76,6 +76,11 @@ def browser() -> Iterator[Any]:
         yield driver
     finally:
         driver.quit()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    yield from headless_chromium()
 
 
 def wait_for(driver: Any, condition: Any, what: str) -> Any:

@@ -45,10 +45,20 @@ export function lineChart(series, { now, span = 300, width = 240, height = 56, f
   return root;
 }
 
-/** A horizontal bar filled to `fraction` (0..1). */
-export function progressBar(fraction, { width = 280, height = 10 } = {}) {
-  const root = svg("svg", { class: "bar", viewBox: `0 0 ${width} ${height}`, width, height });
-  const clamped = Math.max(0, Math.min(1, fraction));
+/** A horizontal bar filled to `fraction` (0..1), announced as a progress bar. */
+export function progressBar(fraction, { width = 280, height = 10, label = "progress" } = {}) {
+  const clamped = Math.max(0, Math.min(1, Number(fraction) || 0));
+  const root = svg("svg", {
+    class: "bar",
+    viewBox: `0 0 ${width} ${height}`,
+    width,
+    height,
+    role: "progressbar",
+    "aria-label": label,
+    "aria-valuemin": 0,
+    "aria-valuemax": 100,
+    "aria-valuenow": Math.floor(clamped * 100),
+  });
   root.append(
     svg("rect", { class: "track", x: 0, y: 0, width, height, rx: 3 }),
     svg("rect", { class: "fill", x: 0, y: 0, width: (width * clamped).toFixed(1), height, rx: 3 }),

@@ -12,6 +12,14 @@ const CACHE_EVERY = 5; // polls between two GET /admin/cache (it lists folders o
 const SPAN_S = 300; // history kept for charts, rates and recent percentiles
 // The supervisor's states, as the issue names them.
 const STATE_LABELS = { loaded: "ready", loading: "loading", draining: "evicting" };
+// The load phases of GET /admin/status's `progress`; an unknown one is shown as it comes.
+const PHASE_LABELS = {
+  starting: "starting the worker",
+  download: "downloading",
+  quantize: "quantizing",
+  load: "loading weights",
+  warmup: "warming up",
+};
 
 const clock = () => Date.now() / 1000;
 
@@ -353,19 +361,32 @@ class ModelCard {
     );
   }
 
-  /** Load progress (phase, percent when known), while the model loads. */
+  /** Load progress while the model loads (GET /admin/status, `progress` of the model):
+   * the phase, a bar and the percent when known, the count done, the time elapsed. */
   showProgress(p) {
     this.progress.hidden = !p;
-    if (!p) return;
-    const parts = [p.phase];
-    if (p.percent !== null && p.percent !== undefined) parts.push(`${Math.round(p.percent)}%`);
-    if (p.done !== null && p.done !== undefined) parts.push(`${p.done}${p.total ? `/${p.total}` : ""} ${p.unit || ""}`.trim());
-    parts.push(fmtSeconds(p.elapsed_s));
+    if (!p) {
+      delete this.progress.dataset.phase;
+      return;
+    }
+    this.progress.dataset.phase = p.phase;
+    const known = (x) => x !== null && x !== undefined;
+    const parts = [PHASE_LABELS[p.phase] || p.phase];
+    if (known(p.percent)) parts.push(`${Math.floor(p.percent)}%`); // 100% only when done
+    if (known(p.done)) parts.push(fmtAmount(p.done, p.total, p.unit));
+    parts.push(`${fmtSeconds(p.elapsed_s)} elapsed`);
     this.progress.replaceChildren(
-      ...(p.percent !== null && p.percent !== undefined ? [progressBar(p.percent / 100)] : []),
+      ...(known(p.percent) ? [progressBar(p.percent / 100, { label: parts[0] })] : []),
       el("span", { "data-field": "progress" }, parts.join(" · ")),
     );
   }
+}
+
+/** "17/40 layers", "1.2 GB of 4.5 GB" (a count in bytes), "3 files". */
+function fmtAmount(done, total, unit = "") {
+  const known = total !== null && total !== undefined;
+  if (unit === "bytes") return known ? `${fmtBytes(done)} of ${fmtBytes(total)}` : fmtBytes(done);
+  return `${done}${known ? `/${total}` : ""} ${unit}`.trim();
 }
 
 function renderMisses(table, misses, serverTime) {
