@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -263,7 +265,9 @@ def test_evict_load_and_cache_clear_from_the_dashboard(dash: Server, browser: An
     wait_for(browser, lambda d: card_state(d) == "ready", "the model, ready")
     card = f'[data-model="{MODEL}"]'
     if shot := os.environ.get("MLXTG_SCREENSHOT"):
+        _traffic(dash, seconds=20)  # some polls' worth, so the charts have lines
         wait_for(browser, lambda d: "p50" in text_of(d, f'{card} [data-field="ttft"]'), "latencies")
+        browser.set_window_size(1200, 1040)
         browser.save_screenshot(str(Path(shot)))
 
     css(browser, f'{card} [data-action="clear-cache"]').click()
@@ -295,3 +299,28 @@ def _done(driver: Any, replies: int) -> bool:
     return (
         n == replies and css(driver, "#pg-send").is_enabled() and "finish_reason" in _facts(driver)
     )
+
+
+def _traffic(srv: Server, seconds: float, clients: int = 3) -> None:
+    """Streamed chats from a few clients for a while (only for the README's screenshot)."""
+
+    def client(i: int) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            body = {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": f"Tell me a story about cat {i}."}],
+                "max_tokens": 64,
+                "stream": True,
+            }
+            with httpx.stream(
+                "POST", f"{srv.url}/v1/chat/completions", json=body, headers=srv.headers, timeout=60
+            ) as r:
+                for _ in r.iter_bytes():
+                    pass
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
