@@ -6,13 +6,16 @@ the configured names and never triggers a download or a path lookup.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .hosts import is_local
 from .protocol import ModelLoad
+from .protocol.specs import DistributedLoad
 from .quant import Quant
 
 DEMO_MODEL_PATH = Path(__file__).parent / "demo" / "model"
@@ -21,6 +24,52 @@ DEMO_MODEL_NAME = "mlxtg-demo"
 
 class ModelNotAvailable(RuntimeError):
     """The model's files are neither on disk nor in the Hugging Face cache (offline)."""
+
+
+class RankHostSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ssh: str  # how to reach the host (`ssh NAME` must work without a password)
+    ip: str  # the address its ring connections use (Thunderbolt bridge, Ethernet, Wi-Fi)
+
+
+class DistributedSpec(BaseModel):
+    """models.yaml `distributed:`: one model sharded across processes (issue 13).
+
+    `hosts` lists one rank per entry, in rank order: an IP (ssh to the same address) or
+    `{ssh: NAME, ip: IP}`; the first is this machine. `hostfile` names `mlx.launch`'s JSON
+    hostfile instead (`{"hosts": [{"ssh": ..., "ips": [...]}]}`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hosts: list[RankHostSpec | str] = Field(default_factory=list)
+    hostfile: Path | None = None
+    backend: Literal["ring"] = "ring"
+    split: Literal["tensor", "pipeline"] = "tensor"
+    python: str | None = None  # the interpreter on the other hosts; default: this one's path
+    port: int = Field(default=0, ge=0, le=65535)  # first ring port; 0 = free local ports
+
+    @model_validator(mode="after")
+    def _resolve_hosts(self) -> DistributedSpec:
+        if self.hostfile is not None:
+            if self.hosts:
+                raise ValueError("give either hosts or hostfile, not both")
+            data = json.loads(self.hostfile.expanduser().read_text())
+            entries = data.get("hosts", data) if isinstance(data, dict) else data
+            self.hosts = [RankHostSpec(ssh=h["ssh"], ip=h["ips"][0]) for h in entries]
+            self.hostfile = None
+        self.hosts = [RankHostSpec(ssh=h, ip=h) if isinstance(h, str) else h for h in self.hosts]
+        if len(self.hosts) < 2:
+            raise ValueError("a distributed model needs at least 2 hosts (one per rank)")
+        hosts = [h for h in self.hosts if isinstance(h, RankHostSpec)]
+        if not is_local(hosts[0].ip):
+            raise ValueError(f"the first host runs rank 0 and must be this machine: {hosts[0].ip}")
+        if not self.port and not all(is_local(h.ip) and is_local(h.ssh) for h in hosts):
+            raise ValueError("set distributed.port (the first ring port) when ranks run elsewhere")
+        return self
+
+    def to_wire(self) -> DistributedLoad:
+        return msgspec.convert(self.model_dump(exclude={"hostfile"}), DistributedLoad)
 
 
 class ModelSpec(BaseModel):
@@ -49,6 +98,7 @@ class ModelSpec(BaseModel):
     cache_disk_gb: float | None = Field(default=None, ge=0)
     cache_slots: int | None = Field(default=None, ge=0)
     cache_min_tokens: int | None = Field(default=None, ge=0)
+    distributed: DistributedSpec | None = None
 
     @property
     def name(self) -> str:
@@ -60,11 +110,13 @@ class ModelSpec(BaseModel):
         return self.model_id_or_path
 
     def to_wire(self) -> ModelLoad:
-        return ModelLoad(**self.model_dump())
+        fields = self.model_dump(exclude={"distributed"})
+        distributed = self.distributed.to_wire() if self.distributed else None
+        return ModelLoad(**fields, distributed=distributed)
 
     @classmethod
     def from_wire(cls, load: ModelLoad) -> ModelSpec:
-        return cls.model_validate(msgspec.structs.asdict(load))
+        return cls.model_validate(msgspec.to_builtins(load))
 
 
 def demo_spec() -> ModelSpec:

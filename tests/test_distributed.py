@@ -112,3 +112,57 @@ def test_step_share_carries_generates_aborts_clears_and_stop():
     assert follow.follow(prepare) == []
     lead.lead([], stop=True)
     assert isinstance(follow.follow(prepare), Stop)
+
+
+def test_models_yaml_distributed_entry_is_checked_and_round_trips(tmp_path):
+    from pydantic import ValidationError
+
+    from mlxtg.models import ModelSpec
+
+    def spec(**dist):
+        return ModelSpec.model_validate({"model_id_or_path": "m", "distributed": dist})
+
+    s = spec(hosts=["127.0.0.1", {"ssh": "localhost", "ip": "127.0.0.1"}], split="pipeline")
+    assert ModelSpec.from_wire(s.to_wire()) == s
+    assert [h.ip for h in s.distributed.hosts] == ["127.0.0.1", "127.0.0.1"]
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(
+        '{"hosts": [{"ssh": "localhost", "ips": ["127.0.0.1"]},'
+        ' {"ssh": "mac2", "ips": ["10.9.9.9"]}]}'
+    )
+    s = spec(hostfile=str(hostfile), port=40000)
+    assert [(h.ssh, h.ip) for h in s.distributed.hosts] == [
+        ("localhost", "127.0.0.1"),
+        ("mac2", "10.9.9.9"),
+    ]
+    for bad, why in [
+        ({"hosts": ["127.0.0.1"]}, "at least 2 hosts"),
+        ({"hosts": ["10.9.9.9", "127.0.0.1"]}, "must be this machine"),
+        ({"hosts": ["127.0.0.1", "10.9.9.9"]}, "distributed.port"),
+        ({"hosts": ["127.0.0.1"] * 2, "backend": "mpi"}, "backend"),
+        ({"hosts": ["127.0.0.1"] * 2, "split": "data"}, "split"),
+    ]:
+        with pytest.raises(ValidationError, match=why):
+            spec(**bad)
+
+
+def test_rank_group_goes_down_whole_when_one_rank_exits(tmp_path):
+    """RankGroup stands in for the worker's Popen: one rank gone -> the rest killed."""
+    import signal
+    import time
+
+    from mlxtg.supervisor.ranks import RankGroup
+
+    hostfile = tmp_path / "ring.json"
+    hostfile.write_text("[]")
+    sleepers = [subprocess.Popen(["sleep", "60"]) for _ in range(3)]
+    group = RankGroup(sleepers, hostfile)
+    assert group.poll() is None and group.pid == sleepers[0].pid
+    sleepers[2].send_signal(signal.SIGTERM)
+    sleepers[2].wait()
+    deadline = time.monotonic() + 10
+    while group.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert group.returncode is not None and group.returncode != 0
+    assert all(p.poll() is not None for p in sleepers)
+    assert not hostfile.exists()

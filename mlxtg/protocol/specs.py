@@ -122,6 +122,25 @@ class EngineSettings(Record):
     heartbeat_s: float = 1.0
 
 
+class RankHost(Record):
+    """Where one rank of a distributed model runs: the ssh name to start it by, and the IP
+    its ring connections use (`mlx.launch`'s hostfile entry, one IP)."""
+
+    ssh: str
+    ip: str
+
+
+class DistributedLoad(Record):
+    """A model sharded across processes with MLX's distributed runtime (models.yaml
+    `distributed:`). Rank 0 runs on this machine, the others in host order."""
+
+    hosts: list[RankHost]
+    backend: str = "ring"
+    split: str = "tensor"  # tensor | pipeline
+    python: str | None = None  # the interpreter on the other hosts; default: this one's
+    port: int = 0  # the first ring port (one per rank after it); 0 = free local ports
+
+
 class ModelLoad(Record):
     """The model a worker loads (in its CONFIG): one models.yaml entry, whose pydantic twin
     (`mlxtg.models.ModelSpec`) validates the YAML and converts to and from this record."""
@@ -146,3 +165,4 @@ class ModelLoad(Record):
     cache_disk_gb: float | None = None
     cache_slots: int | None = None
     cache_min_tokens: int | None = None
+    distributed: DistributedLoad | None = None

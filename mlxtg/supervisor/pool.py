@@ -70,6 +70,8 @@ class WorkerPool:
         spare = self.spare
         if spare is None or not spare.ready or spare.proc.poll() is not None:
             return None
+        if spec.distributed is not None:
+            return None  # its ranks start together, with their environment
         self.spare = None
         handle = WorkerHandle(worker_id=spare.worker_id, spec=spec, proc=spare.proc)
         self.workers[handle.worker_id] = handle

@@ -20,6 +20,7 @@ from ..protocol import Config, EngineSettings
 from ..quant import BITS
 from .config import ServerSettings
 from .load_progress import LoadProgress
+from .ranks import spawn_group
 
 log = logging.getLogger("mlxtg.supervisor")
 
@@ -55,10 +56,12 @@ class WorkerHandle:
         return self.state in (WorkerState.STARTING, WorkerState.LOADING)
 
     def describe(self, inflight: int = 0) -> dict[str, Any]:
+        ranks = getattr(self.proc, "pids", None)  # a distributed model: one pid per rank
         return {
             "model": self.name,
             "worker_id": self.worker_id,
             "pid": self.proc.pid,
+            **({"rank_pids": ranks} if ranks else {}),
             "state": str(self.state),
             "rss_bytes": rss_bytes(self.proc.pid),
             "inflight": inflight,
@@ -119,19 +122,36 @@ class Spare:
     ready: bool = False
 
 
-def _spawn(worker_id: str, endpoint: str, fast_blas: bool) -> subprocess.Popen[bytes]:
+def _worker_env(fast_blas: bool) -> dict[str, str]:
     env = dict(os.environ)
     blas = find_fast_blas() if fast_blas else None
     if blas:
         env["LD_PRELOAD"] = ":".join(p for p in (blas, env.get("LD_PRELOAD")) if p)
+    return env
+
+
+def _spawn(worker_id: str, endpoint: str, fast_blas: bool) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "mlxtg.worker", "--endpoint", endpoint, "--worker-id", worker_id]
     # Own session: a Ctrl-C in the terminal reaches the supervisor only, which stops us.
-    return subprocess.Popen(cmd, env=env, start_new_session=True)
+    return subprocess.Popen(cmd, env=_worker_env(fast_blas), start_new_session=True)
 
 
 def spawn_worker(spec: ModelSpec, worker_id: str, endpoint: str, fast_blas: bool) -> WorkerHandle:
-    proc = _spawn(worker_id, endpoint, fast_blas)
-    log.info("spawned worker %s (pid %d) for model %s", worker_id, proc.pid, spec.name)
+    """One process, or for a distributed model one per rank (ranks.py), as one worker."""
+    proc: Any
+    if spec.distributed is not None:
+        args = ["--endpoint", endpoint, "--worker-id", worker_id]
+        proc = spawn_group(spec.distributed.to_wire(), args, _worker_env(fast_blas))
+        log.info(
+            "spawned worker %s (pids %s, %s split) for model %s",
+            worker_id,
+            proc.pids,
+            spec.distributed.split,
+            spec.name,
+        )
+    else:
+        proc = _spawn(worker_id, endpoint, fast_blas)
+        log.info("spawned worker %s (pid %d) for model %s", worker_id, proc.pid, spec.name)
     return WorkerHandle(worker_id=worker_id, spec=spec, proc=proc)
 
 

@@ -101,6 +101,13 @@ def share_bytes(group: Any, data: bytes | None) -> bytes:
     return bytes(np.array(mx.distributed.all_sum(buf, group=group)))
 
 
+def barrier(group: Any) -> None:
+    """Wait until every rank gets here; raises when a rank is gone."""
+    import mlx.core as mx
+
+    mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
+
+
 class Seeding:
     """Rank 0's preprocessor: fills in a seed where the client gave none (every rank must draw
     the same random numbers) and keeps the message on the request for `StepShare.lead`."""

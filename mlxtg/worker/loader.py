@@ -41,8 +41,9 @@ class LoadedModel:
     reasoning: ReasoningFormat | None = None  # the markers the model thinks between
 
 
-def load(spec: ModelSpec, progress: ProgressSink = NO_PROGRESS) -> LoadedModel:
-    """Load `spec` (a local path, or a Hugging Face id: downloaded if missing)."""
+def load(spec: ModelSpec, progress: ProgressSink = NO_PROGRESS, group: Any = None) -> LoadedModel:
+    """Load `spec` (a local path, or a Hugging Face id: downloaded if missing). With an MLX
+    distributed `group`, only this rank's shard of the weights is read."""
     import mlx.core as mx
     from mlx_lm.utils import load_adapters, load_model, load_tokenizer
 
@@ -58,6 +59,13 @@ def load(spec: ModelSpec, progress: ProgressSink = NO_PROGRESS) -> LoadedModel:
         path = ensure_quantized(source, spec.quant, spec.quant_group_size, progress)
     progress.phase(LoadPhase.LOAD)
     model, config = load_model(path, lazy=True, model_config=spec.model_config_ or {})
+    if group is not None:
+        from .distributed import shard
+
+        if spec.adapter_path:
+            raise ValueError("adapters are not supported for a distributed model")
+        assert spec.distributed is not None
+        shard(model, group, spec.distributed.split)  # still lazy: nothing read yet
     groups = layer_groups(model)
     progress.phase(LoadPhase.LOAD, total=len(groups), unit="layers")
     for done, arrays in enumerate(groups, 1):

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import zmq
 
 from ..lifeline import exit_with_parent
@@ -29,9 +30,10 @@ from ..protocol import (
     decode,
     encode,
 )
+from . import distributed
 from .blas import describe_blas
 from .io import Shutdown, WorkerIO
-from .progress import LoadReporter, ProgressSink
+from .progress import NO_PROGRESS, LoadReporter, ProgressSink
 from .scheduler import Scheduler
 
 log = logging.getLogger("mlxtg.worker")
@@ -53,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     # Heavy imports before HELLO: a standby worker then only has weights left to load.
     for module in ("mlx_lm.utils", "mlxtg.worker.engine", "mlxtg.worker.preprocess"):
         importlib.import_module(module)
+    # One rank of a distributed model (distributed.py): only rank 0 talks to the supervisor.
+    group = distributed.init_group() if distributed.in_group() else None
+    if group is not None and group.rank() != 0:
+        return _follow(group)
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -67,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("expected CONFIG, got %s", type(config).__name__)
         return 2
     settings = config.engine
+    if group is not None:
+        distributed.share_bytes(group, msgpack.packb(encode(config)))
 
     # 2. Load the model, reporting progress (the reporter's thread owns the socket until
     # stop()); a failure is reported, not raised.
@@ -75,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
     reporter = LoadReporter(args.worker_id, send).start()
     try:
-        runtime = _build_runtime(config, settings, reporter)
+        runtime = _build_runtime(config, settings, reporter, group)
     except Exception as exc:
         reporter.stop()
         log.exception("model load failed")
@@ -111,16 +119,38 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     # 3. Serve.
-    loop = EngineLoop(engine)
+    share = distributed.StepShare(group) if group is not None else None
+    if share is not None:
+        preprocess = distributed.Seeding(preprocess)
+    loop = EngineLoop(engine, share)
     io = WorkerIO(ctx, sock, args.worker_id, preprocess, loop.stats, settings.heartbeat_s)
     loop.io = io
     io.start()
-    loop.run()
+    try:
+        loop.run()
+    except RuntimeError as exc:
+        if share is None:
+            raise
+        log.error("the group is broken (%s): exiting so the supervisor restarts it", exc)
+        return 1
+    return 0
+
+
+def _follow(group: Any) -> int:
+    """Ranks 1..n-1: the CONFIG, then every step's inputs, come from rank 0."""
+    try:
+        config = decode(msgpack.unpackb(distributed.share_bytes(group, None)))
+        assert isinstance(config, Config)
+        _, engine, preprocess = _build_runtime(config, config.engine, NO_PROGRESS, group)
+        distributed.follow(engine, preprocess, distributed.StepShare(group))
+    except RuntimeError as exc:  # rank 0 (or another rank) is gone
+        log.error("rank %d leaves the broken group: %s", group.rank(), exc)
+        return 1
     return 0
 
 
 def _build_runtime(
-    config: Config, settings: EngineSettings, progress: ProgressSink
+    config: Config, settings: EngineSettings, progress: ProgressSink, group: Any = None
 ) -> tuple[Any, Any, Any]:
     from ..models import ModelSpec
     from .engine import Engine
@@ -130,7 +160,9 @@ def _build_runtime(
     from .prompt_cache import PromptCache
     from .reasoning import reasoning_at
 
-    loaded = load(ModelSpec.from_wire(config.model), progress)  # ends in the warm-up phase
+    loaded = load(ModelSpec.from_wire(config.model), progress, group)  # ends in the warm-up phase
+    if group is not None:
+        distributed.barrier(group)  # every rank loaded its shard (or this raises)
     guided = None
     try:
         from .guided import GuidedCompiler
@@ -145,7 +177,10 @@ def _build_runtime(
         explain=reasoning_at(loaded.reasoning) if loaded.reasoning is not None else None,
     )
     disk = None
-    if settings.cache_disk_bytes > 0:
+    if settings.cache_disk_bytes > 0 and group is not None:
+        # Slots hold whole KV caches; each rank holds a shard of every one.
+        log.warning("the disk prompt cache is off for a distributed model (RAM cache only)")
+    elif settings.cache_disk_bytes > 0:
         from .. import paths
         from .disk_cache import DiskCache
 
@@ -178,8 +213,9 @@ def _build_runtime(
 class EngineLoop:
     """The single thread that runs MLX: inputs in, `Engine.step`, messages out."""
 
-    def __init__(self, engine: Any):
+    def __init__(self, engine: Any, share: distributed.StepShare | None = None):
         self.engine = engine
+        self.share = share  # a distributed rank 0 shares each step's inputs with the others
         self.io: WorkerIO | None = None
         self.started = time.time()
         self.last_step = time.time()
@@ -205,7 +241,14 @@ class EngineLoop:
             # 1. Inputs: block only when there is nothing to do.
             idle = self.engine.idle
             items = io.take(block=idle)
-            if any(isinstance(item, Shutdown) for item in items):
+            stop = any(isinstance(item, Shutdown) for item in items)
+            if self.share is not None:
+                # Every turn, idle ticks included; timed like a step, so the watchdog sees a
+                # rank that hangs even while nothing runs.
+                self.step_started = time.monotonic()
+                self.share.lead([] if stop else items, stop=stop)
+                self.step_started = None
+            if stop:
                 return
             if idle and not items:
                 continue
