@@ -1,7 +1,7 @@
 """Load progress on the dashboard: the page, in headless chromium, fed a made-up
 GET /admin/status by the real gateway over a stub supervisor (no worker, no model). A
 loading model's `progress` shows its phase, a bar when the percent is known, the count done
-and the time elapsed; the line goes away once the model is ready.
+and the time spent in the phase; the line goes away once the model is ready.
 
 Needs chromium and chromedriver like tests/test_e2e_dashboard.py (skips without them,
 fails without them in CI)."""
@@ -117,7 +117,7 @@ def test_a_loading_model_shows_its_phase_percent_count_and_elapsed_time(
     quant = progress_of(browser, "quant")
     assert quant.is_displayed() and quant.get_attribute("data-phase") == "quantize"
     assert text_of(browser, '[data-model="quant"] [data-field="progress"]') == (
-        "quantizing · 42% · 17/40 layers · 12.3 s elapsed"
+        "quantizing · 42% · 17/40 layers · 12.3 s in this phase"
     )
     bar = quant.find_element("css selector", "svg.bar")
     assert bar.get_attribute("aria-valuenow") == "42"
@@ -128,12 +128,12 @@ def test_a_loading_model_shows_its_phase_percent_count_and_elapsed_time(
 
     # A download counts bytes.
     assert text_of(browser, '[data-model="down"] [data-field="progress"]') == (
-        "downloading · 37% · 1.5 GB of 4.0 GB · 12.3 s elapsed"
+        "downloading · 37% · 1.5 GB of 4.0 GB · 12.3 s in this phase"
     )
 
     # No percent yet: the phase and the time, no bar.
     assert text_of(browser, '[data-model="start"] [data-field="progress"]') == (
-        "starting the worker · 12.3 s elapsed"
+        "starting the worker · 12.3 s in this phase"
     )
     assert not progress_of(browser, "start").find_elements("css selector", "svg.bar")
 
@@ -148,7 +148,7 @@ def test_a_loading_model_shows_its_phase_percent_count_and_elapsed_time(
         "the next phase",
     )
     assert text_of(browser, '[data-model="quant"] [data-field="progress"]') == (
-        "warming up · 100% · 12.3 s elapsed"
+        "warming up · 100% · 12.3 s in this phase"
     )
     stub.models[0] = _model("quant", "loaded", None)
     wait_for(browser, lambda d: not progress_of(d, "quant").is_displayed(), "the line gone")
@@ -160,5 +160,5 @@ def test_an_unknown_phase_is_shown_as_it_comes(page: str, browser: Any, stub: Lo
     browser.get(page)
     wait_for(browser, lambda d: progress_of(d, "m") is not None, "the card")
     assert text_of(browser, '[data-model="m"] [data-field="progress"]') == (
-        "verify · 3 files · 12.3 s elapsed"
+        "verify · 3 files · 12.3 s in this phase"
     )

@@ -362,7 +362,7 @@ class ModelCard {
   }
 
   /** Load progress while the model loads (GET /admin/status, `progress` of the model):
-   * the phase, a bar and the percent when known, the count done, the time elapsed. */
+   * the phase, a bar and the percent when known, the count done, the time spent in the phase. */
   showProgress(p) {
     this.progress.hidden = !p;
     if (!p) {
@@ -374,7 +374,7 @@ class ModelCard {
     const parts = [PHASE_LABELS[p.phase] || p.phase];
     if (known(p.percent)) parts.push(`${Math.floor(p.percent)}%`); // 100% only when done
     if (known(p.done)) parts.push(fmtAmount(p.done, p.total, p.unit));
-    parts.push(`${fmtSeconds(p.elapsed_s)} elapsed`);
+    parts.push(`${fmtSeconds(p.elapsed_s)} in this phase`); // elapsed_s restarts with each phase
     this.progress.replaceChildren(
       ...(known(p.percent) ? [progressBar(p.percent / 100, { label: parts[0] })] : []),
       el("span", { "data-field": "progress" }, parts.join(" · ")),
