@@ -2,7 +2,7 @@
 
 A tiny model quantises and loads in a fraction of a second, so the test reads the history
 instead of racing the load: `mlxtg load`'s answer, the status's `last_load` phase timings
-and the plain progress lines `mlxtg up` writes to its log when not on a terminal."""
+and the plain lines `mlxtg up` writes to its log when not on a terminal."""
 
 from __future__ import annotations
 
@@ -66,11 +66,13 @@ def test_load_follows_a_quantising_load_until_ready_and_the_phases_stay_on_recor
     assert all(s >= 0 for s in last["phases"].values())
     assert all("progress" in other and other["progress"] is None for other in srv.status()["models"])
 
-    # `mlxtg up` is not on a terminal here: plain lines in its log, one per phase at least.
+    # `mlxtg up` is not on a terminal here: plain lines in its log. The loop draws what it
+    # sees each turn (phases of a few ms may pass between two), so: a line at the spawn,
+    # and every phase with its time in the ready line.
     log = srv.log.read_text()
-    for phase in ("quantize", "load", "warmup"):
-        assert f"loading a-q4: {phase}" in log, log
-    assert "model a-q4 ready in " in log
+    assert "loading a-q4: starting" in log, log
+    (ready,) = [line for line in log.splitlines() if "model a-q4 ready in " in line]
+    assert all(f"{phase} " in ready for phase in ("quantize", "load", "warmup")), ready
 
     shown = mlxtg(srv, "status")
     assert shown.returncode == 0 and "loaded in" in shown.stdout and "quantize" in shown.stdout
