@@ -116,6 +116,34 @@ def test_download_bars_count_bytes_written_and_ignore_file_bars():
     assert all(c[2] == 1000 for c in rec.calls)  # never the network bar's estimate
 
 
+def test_fetch_reports_a_hub_download_and_returns_its_folder(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import huggingface_hub
+
+    from mlxtg.worker.download import fetch
+
+    def fake_download(repo_id: str, tqdm_class: Any, **kwargs: Any) -> str:
+        written = tqdm_class(total=0, unit="B", bar_format="{n_fmt}B / {total_fmt}B")
+        written.total = 2048
+        written.refresh()
+        written.update(2048)
+        return str(tiny_llama)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    rec = Recorder()
+    assert fetch("org/model", None, rec) == tiny_llama
+    assert rec.calls == [
+        ("phase", "download", 2048, "bytes"),
+        ("update", 0, 2048),
+        ("update", 2048, 2048),
+    ]
+
+    rec = Recorder()
+    assert fetch(str(tiny_llama), None, rec) == tiny_llama.resolve()  # a path: no download
+    assert rec.calls == []
+
+
 # --- the loader's phases on a tiny model ------------------------------------------------------
 
 

@@ -1,8 +1,8 @@
 """Hugging Face models with download progress.
 
 `mlxtg.models.resolve_model_path` decides where a model's files are, and fails with one
-clear line when they are nowhere. Before it runs, a Hub id is fetched here with a tqdm class
-of ours, so bytes that really download show as the `download` phase; a model already in the
+clear line when they are nowhere. A Hub id is fetched here first, with a tqdm class of
+ours, so bytes that really download show as the `download` phase; a model already in the
 cache shows no download phase, and a failed fetch is left to the resolver to explain (or to
 serve from the cache offline).
 """
@@ -45,11 +45,13 @@ def fetch(id_or_path: str, revision: str | None, progress: ProgressSink) -> Path
         from huggingface_hub import snapshot_download
 
         try:
-            snapshot_download(
-                id_or_path,
-                revision=revision,
-                allow_patterns=ALLOW_PATTERNS,
-                tqdm_class=bars_to(progress),  # type: ignore[arg-type]
+            return Path(
+                snapshot_download(
+                    id_or_path,
+                    revision=revision,
+                    allow_patterns=ALLOW_PATTERNS,
+                    tqdm_class=bars_to(progress),  # type: ignore[arg-type]
+                )
             )
         except Exception as exc:  # offline, unknown id, network: the resolver says why
             log.info("could not fetch %s (%s); looking in the local cache", id_or_path, exc)
