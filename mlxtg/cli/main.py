@@ -64,6 +64,9 @@ def up(
     max_resident_models: Annotated[
         int | None, typer.Option(help="Models kept loaded at once [1].")
     ] = None,
+    gateways: Annotated[
+        int | None, typer.Option(help="Gateway processes sharing the port [1].")
+    ] = None,
     cache_ram_gb: Annotated[
         float | None, typer.Option(help="RAM prefix-cache budget per model [2].")
     ] = None,
@@ -134,6 +137,7 @@ def up(
         "max_batch": max_batch,
         "max_queued": max_queued,
         "max_resident_models": max_resident_models,
+        "gateways": gateways,
         "cache_ram_gb": cache_ram_gb,
         "cache_disk_gb": cache_disk_gb,
         "cache_slots": cache_slots,
@@ -166,26 +170,31 @@ def up(
 
 def _serve(settings: Any) -> int:
     from ..supervisor.core import Supervisor
-    from ..supervisor.processes import spawn_gateway, stop_process
+    from ..supervisor.gateways import GatewayGroup
 
     sup = Supervisor(settings)
-    gateway = spawn_gateway(
-        {
-            "supervisor_endpoint": sup.gateway_endpoint,
-            "host": settings.host,
-            "port": settings.port,
-            "api_keys": settings.api_keys,
-            "cors_origins": settings.cors_origins,
-            "allowed_hosts": settings.allowed_hosts,
-            "max_body_bytes": int(settings.max_body_mb * (1 << 20)),
-            "max_request_sequences": settings.max_request_sequences,
-            "max_request_tokens": settings.max_request_tokens,
-            "drain_timeout": settings.drain_timeout,
-        }
-    )
+    gateway_config = {
+        "supervisor_endpoint": sup.gateway_endpoint,
+        "host": settings.host,
+        "port": settings.port,
+        "api_keys": settings.api_keys,
+        "cors_origins": settings.cors_origins,
+        "allowed_hosts": settings.allowed_hosts,
+        "max_body_bytes": int(settings.max_body_mb * (1 << 20)),
+        "max_request_sequences": settings.max_request_sequences,
+        "max_request_tokens": settings.max_request_tokens,
+        "drain_timeout": settings.drain_timeout,
+    }
+    gateway = GatewayGroup.start(gateway_config, settings.gateways, paths.run_dir())
     url = f"http://{settings.host}:{settings.port}"
     paths.write_server_info(
-        {"pid": os.getpid(), "gateway_pid": gateway.pid, "url": url, "home": str(paths.home())}
+        {
+            "pid": os.getpid(),
+            "gateway_pid": gateway.pid,
+            "gateway_pids": gateway.pids,
+            "url": url,
+            "home": str(paths.home()),
+        }
     )
 
     drain = _Drain(settings.drain_timeout)
@@ -214,12 +223,12 @@ def _serve(settings: Any) -> int:
         while not sup.stopping:
             sup.step()
             loads.show(sup.loading())
-            if gateway.poll() is not None:
+            if (exited := gateway.poll()) is not None:
                 if drain.started_at is None:
-                    typer.echo(f"error: the gateway exited (code {gateway.returncode})", err=True)
+                    typer.echo(f"error: the gateway exited (code {exited})", err=True)
                     code = 1
                 else:
-                    code = drain.exit_code(gateway.returncode, sup.counters["worker_restarts"])
+                    code = drain.exit_code(exited, sup.counters["worker_restarts"])
                 break
             if drain.overdue():
                 typer.echo("error: the gateway did not finish draining in time", err=True)
@@ -227,7 +236,7 @@ def _serve(settings: Any) -> int:
                 break
     finally:
         loads.close()
-        stop_process(gateway)
+        gateway.stop()
         sup.close()
         paths.server_file().unlink(missing_ok=True)
     return code or sup.exit_code

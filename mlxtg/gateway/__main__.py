@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import sys
 from types import FrameType
 from typing import Any
@@ -68,7 +69,10 @@ def main() -> int:
         # client reusing a connection idle for ~4.99 s races the close and gets a reset.
         timeout_keep_alive=65,
     )
-    DrainingServer(config, app).run()
+    sockets = None
+    if settings.listen_fd is not None:  # one of several gateways sharing `mlxtg up`'s socket
+        sockets = [socket.socket(fileno=settings.listen_fd)]
+    DrainingServer(config, app).run(sockets=sockets)
     return EXIT_CUT if app.state.drain.cut else 0
 
 

@@ -7,11 +7,18 @@ ring for GET /admin/status: a reason with a token position is no Prometheus labe
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 MISSES_KEPT = 20
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -75,6 +82,12 @@ class GatewayMetrics:
         return list(reversed(self.misses))
 
     def render(self, extra: bytes = b"") -> bytes:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # Several gateways (`mlxtg up --gateways N`): every process writes its values
+            # to that folder, and this sums them, so any gateway answers for all.
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry) + extra
         return generate_latest(self.registry) + extra
 
 

@@ -19,6 +19,9 @@ class GatewaySettings(BaseModel):
     max_request_sequences: int = 256
     max_request_tokens: int = 1 << 20
     drain_timeout: float = 30.0
+    # A listening socket inherited from `mlxtg up --gateways N` (shared by N gateways);
+    # None: bind host:port here.
+    listen_fd: int | None = None
 
     @classmethod
     def from_env(cls) -> GatewaySettings:

@@ -31,6 +31,9 @@ class ServerSettings(BaseModel):
     cors_origins: list[str] = Field(default_factory=list)  # browser origins allowed; none: CORS off
     models: list[ModelSpec] = Field(default_factory=list)
     max_resident_models: int = Field(default=1, ge=1)
+    # Gateway processes sharing the listening socket (and one supervisor): more HTTP, SSE and
+    # validation throughput on a machine with cores to spare.
+    gateways: int = Field(default=1, ge=1, le=64)
     memory_budget_gb: float | None = Field(default=None, gt=0)
     max_batch: int = Field(default=32, ge=1)
     max_queued: int = Field(default=128, ge=1)

@@ -159,13 +159,19 @@ def spawn_spare(worker_id: str, endpoint: str, fast_blas: bool) -> Spare:
     return Spare(worker_id=worker_id, proc=_spawn(worker_id, endpoint, fast_blas))
 
 
-def spawn_gateway(config: dict[str, Any]) -> subprocess.Popen[bytes]:
+def spawn_gateway(
+    config: dict[str, Any],
+    env: dict[str, str] | None = None,
+    pass_fds: tuple[int, ...] = (),
+) -> subprocess.Popen[bytes]:
     """The gateway reads its settings (API keys included) from the environment, so
     keys never show up in `ps`."""
-    env = dict(os.environ)
-    env["MLXTG_GATEWAY_CONFIG"] = json.dumps(config)
+    full_env = {**os.environ, **(env or {}), "MLXTG_GATEWAY_CONFIG": json.dumps(config)}
     return subprocess.Popen(
-        [sys.executable, "-m", "mlxtg.gateway"], env=env, start_new_session=True
+        [sys.executable, "-m", "mlxtg.gateway"],
+        env=full_env,
+        start_new_session=True,
+        pass_fds=pass_fds,
     )
 
 
