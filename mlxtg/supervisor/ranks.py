@@ -116,13 +116,24 @@ def spawn_group(dist: DistributedLoad, worker_args: list[str], env: dict[str, st
     fd, name = tempfile.mkstemp(prefix="mlxtg-ring-", suffix=".json")
     with os.fdopen(fd, "w") as f:
         f.write(ring)
+    local = [r == 0 or (is_local(h.ip) and is_local(h.ssh)) for r, h in enumerate(dist.hosts)]
+    local_env = dict(env)
+    if "OPENBLAS_NUM_THREADS" not in env:
+        # Ranks sharing this machine split its cores. OpenBLAS threads spin after each call,
+        # and a rank whose peer is spinning waits out a scheduler slice at every collective:
+        # on 2 cores, 2 ranks of the demo model ran 5x slower with OpenBLAS's default.
+        threads = max(1, (os.cpu_count() or 1) // sum(local))
+        local_env["OPENBLAS_NUM_THREADS"] = str(threads)
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for rank, host in enumerate(dist.hosts):
             rank_env = {"MLX_RANK": str(rank), "MLX_HOSTFILE": name}
-            if rank == 0 or (is_local(host.ip) and is_local(host.ssh)):
+            if local[rank]:
                 cmd = [sys.executable, "-m", "mlxtg.worker", *worker_args]
-                procs.append(subprocess.Popen(cmd, env={**env, **rank_env}, start_new_session=True))
+                rank_proc = subprocess.Popen(
+                    cmd, env={**local_env, **rank_env}, start_new_session=True
+                )
+                procs.append(rank_proc)
             else:
                 procs.append(_spawn_remote(host.ssh, dist.python, ring, rank, worker_args, env))
     except Exception:
