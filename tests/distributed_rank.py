@@ -74,7 +74,9 @@ def main() -> None:
                     tokens.setdefault(f"{d.request_id}/{d.index}", []).extend(d.token_ids)
 
     prepare = Preprocessor(loaded)
-    share = distributed.StepShare(group) if group is not None else None
+    share = None
+    if group is not None:
+        share = distributed.StepShare(distributed.StepChannel.open(group))
     if share is not None and not share.leader:
         distributed.follow(engine, prepare, share, outputs=record)
     else:

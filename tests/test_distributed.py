@@ -67,24 +67,16 @@ def test_two_ranks_match_one_process(which, split, tiny_llama, qwen2, tmp_path):
 
 
 class Wire:
-    """A fake collective: what rank 0 shares, the next follower call receives."""
+    """A fake step channel: what rank 0 sends, the follower's next recv gets."""
 
-    def __init__(self):
-        self.sent: list[bytes] = []
+    def __init__(self, sent, leader):
+        self.sent, self.leader = sent, leader
 
-    def __call__(self, group, data):
-        if data is not None or group.rank() == 0:
-            self.sent.append(data or b"")
-            return data or b""
+    def send(self, data):
+        self.sent.append(data)
+
+    def recv(self):
         return self.sent.pop(0)
-
-
-class Rank:
-    def __init__(self, rank):
-        self._rank = rank
-
-    def rank(self):
-        return self._rank
 
 
 def test_step_share_carries_generates_aborts_clears_and_stop():
@@ -96,8 +88,8 @@ def test_step_share_carries_generates_aborts_clears_and_stop():
     def prepare(msg):
         return Request(request_id=msg.request_id, prompt=[1, 2, 3])
 
-    wire = Wire()
-    lead, follow = StepShare(Rank(0), wire), StepShare(Rank(1), wire)
+    sent: list[bytes] = []
+    lead, follow = StepShare(Wire(sent, True)), StepShare(Wire(sent, False))
     seeding = Seeding(prepare)
     unseeded = Generate(request_id="a", model="m", params=SamplingParams(), prompt="x")
     seeded = Generate(request_id="b", model="m", params=SamplingParams(seed=5), prompt="y")

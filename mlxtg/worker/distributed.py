@@ -9,9 +9,13 @@ logits, so the same sampler with the same seeds picks the same tokens everywhere
 Only rank 0 talks to the supervisor. Before each engine step it shares that step's inputs
 (`StepShare.lead`): the GENERATE messages as they arrived, each with a seed filled in where the
 client gave none (`Seeding`), aborts and cache clears. The followers (`follow`) prepare the same
-requests from those messages and take the same step; their outputs are dropped. Rank 0 shares
-on every turn of its loop, idle ticks included, so followers never sit long in a collective
-without news, and a rank that dies makes the others' next collective raise.
+requests from those messages and take the same step; their outputs are dropped.
+
+The step messages travel over ZeroMQ (`StepChannel`), not a collective: MLX's ring backend
+busy-waits, so a follower waiting in an all-sum for the next step burned a whole core while the
+model sat idle. Rank 0 sends on every turn of its loop, idle ticks (every 0.5 s) included, so a
+follower that hears nothing for `SILENCE_S` knows rank 0 is gone; a rank that dies mid-step
+makes the others' next collective raise.
 
 The processes find each other the way `mlx.launch` tells them to: MLX_RANK and MLX_HOSTFILE
 (ring backend) in the environment.
@@ -19,15 +23,19 @@ The processes find each other the way `mlx.launch` tells them to: MLX_RANK and M
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
+import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import msgpack
 import msgspec
 import numpy as np
+import zmq
 
 from ..protocol import Abort, Control, Generate, decode, encode
 from .scheduler import Request
@@ -128,16 +136,69 @@ class Seeding:
         return getattr(self.inner, name)
 
 
-class StepShare:
-    """The per-step channel from rank 0 to the others."""
+class StepChannel:
+    """Rank 0 -> every other rank, one message per engine step: a ROUTER on rank 0 (bound on
+    its ring address, announced with one collective), a DEALER on each follower."""
 
-    def __init__(self, group: Any, share: Callable[[Any, bytes | None], bytes] = share_bytes):
-        self.group = group
-        self._share = share
+    HELLO_TIMEOUT_S = 120.0
+    SILENCE_S = 30.0  # rank 0 sends at least every 0.5 s; this much silence: it is gone
+
+    def __init__(self, sock: zmq.Socket, leader: bool, peers: list[bytes]):
+        self.sock = sock
+        self.leader = leader
+        self.peers = peers  # rank 0: the followers' identities
+
+    @classmethod
+    def open(cls, group: Any) -> StepChannel:
+        ctx = zmq.Context.instance()
+        if group.rank() == 0:
+            sock = ctx.socket(zmq.ROUTER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished follower is an error
+            port = sock.bind_to_random_port(f"tcp://{_rank0_ip()}")
+            share_bytes(group, f"tcp://{_rank0_ip()}:{port}".encode())
+            peers: list[bytes] = []
+            deadline = time.monotonic() + cls.HELLO_TIMEOUT_S
+            while len(peers) < group.size() - 1:
+                if not sock.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+                    raise RuntimeError("the other ranks did not connect to rank 0's step channel")
+                peers.append(sock.recv_multipart()[0])
+            return cls(sock, True, peers)
+        endpoint = share_bytes(group, None).decode()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        sock.send(b"hello")
+        return cls(sock, False, [])
+
+    def send(self, data: bytes) -> None:
+        try:
+            for peer in self.peers:
+                self.sock.send_multipart([peer, data])
+        except zmq.ZMQError as exc:
+            raise RuntimeError(f"a follower rank is gone: {exc}") from exc
+
+    def recv(self) -> bytes:
+        if not self.sock.poll(int(self.SILENCE_S * 1000)):
+            raise RuntimeError(f"rank 0 sent nothing for {self.SILENCE_S:g} s: it is gone")
+        return bytes(self.sock.recv())
+
+
+def _rank0_ip() -> str:
+    """Rank 0's address in the ring hostfile (`[["ip:port", ...], ...]`)."""
+    hosts = json.loads(Path(os.environ["MLX_HOSTFILE"]).read_text())
+    return str(hosts[0][0]).rsplit(":", 1)[0]
+
+
+class StepShare:
+    """The per-step messages from rank 0 to the others, over a `StepChannel`."""
+
+    def __init__(self, channel: Any):
+        self.channel = channel
 
     @property
     def leader(self) -> bool:
-        return bool(self.group.rank() == 0)
+        return bool(self.channel.leader)
 
     def lead(self, items: Iterable[Any], stop: bool = False) -> None:
         """Rank 0: share the inputs its engine is about to step with (or that it stops)."""
@@ -147,11 +208,11 @@ class StepShare:
                 entries.append(["gen", *encode(item.source)])
             elif isinstance(item, Abort | Control):
                 entries.append(["msg", *encode(item)])
-        self._share(self.group, msgpack.packb(entries) if entries else None)
+        self.channel.send(msgpack.packb(entries) if entries else b"")
 
     def follow(self, prepare: Callable[[Generate], Request]) -> list[Any] | Stop:
         """Another rank: the inputs of rank 0's next step, prepared here."""
-        data = self._share(self.group, None)
+        data = self.channel.recv()
         items: list[Any] = []
         for kind, *frames in msgpack.unpackb(data) if data else []:
             if kind == "stop":

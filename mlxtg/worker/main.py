@@ -73,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         log.error("expected CONFIG, got %s", type(config).__name__)
         return 2
     settings = config.engine
+    channel = None
     if group is not None:
         distributed.share_bytes(group, msgpack.packb(encode(config)))
+        channel = distributed.StepChannel.open(group)
 
     # 2. Load the model, reporting progress (the reporter's thread owns the socket until
     # stop()); a failure is reported, not raised.
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     # 3. Serve.
-    share = distributed.StepShare(group) if group is not None else None
+    share = distributed.StepShare(channel) if channel is not None else None
     if share is not None:
         preprocess = distributed.Seeding(preprocess)
     loop = EngineLoop(engine, share)
@@ -141,8 +143,9 @@ def _follow(group: Any) -> int:
     try:
         config = decode(msgpack.unpackb(distributed.share_bytes(group, None)))
         assert isinstance(config, Config)
+        channel = distributed.StepChannel.open(group)
         _, engine, preprocess = _build_runtime(config, config.engine, NO_PROGRESS, group)
-        distributed.follow(engine, preprocess, distributed.StepShare(group))
+        distributed.follow(engine, preprocess, distributed.StepShare(channel))
     except RuntimeError as exc:  # rank 0 (or another rank) is gone
         log.error("rank %d leaves the broken group: %s", group.rank(), exc)
         return 1
