@@ -6,6 +6,7 @@ the configured names and never triggers a download or a path lookup.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -51,25 +52,52 @@ class DistributedSpec(BaseModel):
 
     @model_validator(mode="after")
     def _resolve_hosts(self) -> DistributedSpec:
+        """Structure only: where rank 0 runs is checked by the supervisor (`check_here`),
+        since every rank rebuilds this spec from the wire on its own host."""
         if self.hostfile is not None:
             if self.hosts:
                 raise ValueError("give either hosts or hostfile, not both")
-            data = json.loads(self.hostfile.expanduser().read_text())
-            entries = data.get("hosts", data) if isinstance(data, dict) else data
-            self.hosts = [RankHostSpec(ssh=h["ssh"], ip=h["ips"][0]) for h in entries]
+            self.hosts = list(_read_hostfile(self.hostfile.expanduser()))
             self.hostfile = None
         self.hosts = [RankHostSpec(ssh=h, ip=h) if isinstance(h, str) else h for h in self.hosts]
         if len(self.hosts) < 2:
             raise ValueError("a distributed model needs at least 2 hosts (one per rank)")
+        for h in self.hosts:
+            ip = h.ip if isinstance(h, RankHostSpec) else h
+            try:
+                if ipaddress.ip_address(ip).version != 4:
+                    raise ValueError(f"host {ip}: the ring backend takes IPv4 addresses")
+            except ValueError as exc:
+                raise ValueError(f"host {ip!r}: {exc}") from None
+        if self.port and self.port + len(self.hosts) - 1 > 65535:
+            raise ValueError(f"ports {self.port}..{self.port + len(self.hosts) - 1} exceed 65535")
+        return self
+
+    def check_here(self) -> None:
+        """What only the machine that runs rank 0 can check (raises ValueError)."""
         hosts = [h for h in self.hosts if isinstance(h, RankHostSpec)]
         if not is_local(hosts[0].ip):
             raise ValueError(f"the first host runs rank 0 and must be this machine: {hosts[0].ip}")
         if not self.port and not all(is_local(h.ip) and is_local(h.ssh) for h in hosts):
             raise ValueError("set distributed.port (the first ring port) when ranks run elsewhere")
-        return self
 
     def to_wire(self) -> DistributedLoad:
         return msgspec.convert(self.model_dump(exclude={"hostfile"}), DistributedLoad)
+
+
+def _read_hostfile(path: Path) -> list[RankHostSpec]:
+    """mlx.launch's hostfile: `{"hosts": [{"ssh": NAME, "ips": [IP, ...]}, ...]}` (or the
+    bare list); each host's first IP carries its ring connection."""
+    try:
+        data = json.loads(path.read_text())
+        entries = data.get("hosts", data) if isinstance(data, dict) else data
+        return [RankHostSpec(ssh=str(h["ssh"]), ip=str(h["ips"][0])) for h in entries]
+    except OSError as exc:
+        raise ValueError(f"hostfile {path}: cannot read ({exc.strerror})") from None
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise ValueError(
+            f'hostfile {path}: expected {{"hosts": [{{"ssh": NAME, "ips": [IP]}}, ...]}} ({exc!r})'
+        ) from None
 
 
 class ModelSpec(BaseModel):

@@ -96,12 +96,26 @@ def test_step_share_carries_generates_aborts_clears_and_stop():
     items = [seeding(unseeded), seeding(seeded), Abort(request_id="z")]
     items.append(Control(request_id="c", op=ControlOp.CACHE_CLEAR))
     lead.lead(items)
-    got = follow.follow(lambda msg: msg)  # the follower sees the messages rank 0 prepared
-    assert [type(x).__name__ for x in got] == ["Generate", "Generate", "Abort", "Control"]
-    assert got[0].params.seed is not None and got[0].params.seed == items[0].source.params.seed
-    assert got[1].params.seed == 5
+    seen: list[Generate] = []
+
+    def prepare_here(msg):  # the follower prepares the messages rank 0 prepared
+        seen.append(msg)
+        return prepare(msg)
+
+    got = follow.follow(prepare_here)
+    assert [type(x).__name__ for x in got] == ["Request", "Request", "Abort", "Control"]
+    assert seen[0].params.seed is not None and seen[0].params.seed == items[0].source.params.seed
+    assert seen[1].params.seed == 5
     lead.lead([])  # an idle tick: nothing to do
     assert follow.follow(prepare) == []
+    # A follower whose template renders other tokens (a clock in the template) takes rank 0's
+    # when the length agrees, and leaves the group when it does not.
+    lead.lead([seeding(seeded)])
+    (request,) = follow.follow(lambda msg: Request(request_id=msg.request_id, prompt=[1, 2, 9]))
+    assert request.prompt == [1, 2, 3]
+    lead.lead([seeding(seeded)])
+    with pytest.raises(RuntimeError, match="templates differ"):
+        follow.follow(lambda msg: Request(request_id=msg.request_id, prompt=[1, 2]))
     lead.lead([], stop=True)
     assert isinstance(follow.follow(prepare), Stop)
 
@@ -123,19 +137,31 @@ def test_models_yaml_distributed_entry_is_checked_and_round_trips(tmp_path):
         ' {"ssh": "mac2", "ips": ["10.9.9.9"]}]}'
     )
     s = spec(hostfile=str(hostfile), port=40000)
+    bad_hostfile = tmp_path / "bad.json"
+    bad_hostfile.write_text('{"hosts": [{"ssh": "a", "ips": []}, {"ssh": "b"}]}')
     assert [(h.ssh, h.ip) for h in s.distributed.hosts] == [
         ("localhost", "127.0.0.1"),
         ("mac2", "10.9.9.9"),
     ]
     for bad, why in [
         ({"hosts": ["127.0.0.1"]}, "at least 2 hosts"),
-        ({"hosts": ["10.9.9.9", "127.0.0.1"]}, "must be this machine"),
-        ({"hosts": ["127.0.0.1", "10.9.9.9"]}, "distributed.port"),
         ({"hosts": ["127.0.0.1"] * 2, "backend": "mpi"}, "backend"),
         ({"hosts": ["127.0.0.1"] * 2, "split": "data"}, "split"),
+        ({"hosts": ["127.0.0.1", "::1"]}, "IPv4"),
+        ({"hosts": ["127.0.0.1", "mac2"]}, "mac2"),
+        ({"hosts": ["127.0.0.1"] * 2, "port": 65535}, "exceed 65535"),
+        ({"hostfile": str(tmp_path / "missing.json")}, "cannot read"),
+        ({"hostfile": str(bad_hostfile)}, "expected"),
     ]:
         with pytest.raises(ValidationError, match=why):
             spec(**bad)
+    # Where rank 0 runs is checked only where the server starts (each rank rebuilds the spec).
+    remote_first = spec(hosts=["10.9.9.9", "127.0.0.1"], port=40000)
+    with pytest.raises(ValueError, match="must be this machine"):
+        remote_first.distributed.check_here()
+    with pytest.raises(ValueError, match="distributed.port"):
+        spec(hosts=["127.0.0.1", "10.9.9.9"]).distributed.check_here()
+    spec(hosts=["127.0.0.1", "10.9.9.9"], port=40000).distributed.check_here()
 
 
 def test_rank_group_goes_down_whole_when_one_rank_exits(tmp_path):

@@ -185,7 +185,12 @@ def _serve(settings: Any) -> int:
         "max_request_tokens": settings.max_request_tokens,
         "drain_timeout": settings.drain_timeout,
     }
-    gateway = GatewayGroup.start(gateway_config, settings.gateways, paths.run_dir())
+    try:
+        gateway = GatewayGroup.start(gateway_config, settings.gateways, paths.run_dir())
+    except OSError as exc:  # the port was taken since the check, or is privileged
+        typer.echo(f"error: cannot listen on {settings.host}:{settings.port}: {exc}", err=True)
+        sup.close()
+        return 1
     url = f"http://{settings.host}:{settings.port}"
     paths.write_server_info(
         {
@@ -257,7 +262,9 @@ class _Drain:
 
     def overdue(self) -> bool:
         # The gateway exits by itself after drain_timeout; this only guards a stuck one.
-        return self.started_at is not None and time.monotonic() > self.started_at + self.timeout + 15
+        return (
+            self.started_at is not None and time.monotonic() > self.started_at + self.timeout + 15
+        )
 
     def exit_code(self, gateway_code: int, restarts: int) -> int:
         if gateway_code != 0:

@@ -81,6 +81,12 @@ class ServerSettings(BaseModel):
             raise ConfigError(f"duplicate model_name {dupes[0]!r}: every model needs its own name")
         if not self.models:
             raise ConfigError("no models to serve")
+        for spec in self.models:
+            if spec.distributed is not None:
+                try:
+                    spec.distributed.check_here()
+                except ValueError as exc:
+                    raise ConfigError(f"model {spec.name!r}: distributed: {exc}") from None
 
 
 def load_models_file(path: Path) -> dict[str, Any]:
@@ -100,6 +106,11 @@ def load_models_file(path: Path) -> dict[str, Any]:
         label = f"{path}: models[{i}]"
         if isinstance(entry, dict) and entry.get("model_name"):
             label += f" ({entry['model_name']})"
+        dist = entry.get("distributed") if isinstance(entry, dict) else None
+        if isinstance(dist, dict) and isinstance(dist.get("hostfile"), str):
+            # Relative to models.yaml, like model paths (a service's cwd is not the file's).
+            hostfile = Path(dist["hostfile"]).expanduser()
+            entry = {**entry, "distributed": {**dist, "hostfile": str(path.parent / hostfile)}}
         try:
             spec = ModelSpec.model_validate(entry)
         except ValidationError as exc:

@@ -138,6 +138,7 @@ def spawn_group(dist: DistributedLoad, worker_args: list[str], env: dict[str, st
                 procs.append(_spawn_remote(host.ssh, dist.python, ring, rank, worker_args, env))
     except Exception:
         RankGroup(procs, Path(name)).kill()
+        Path(name).unlink(missing_ok=True)
         raise
     return RankGroup(procs, Path(name))
 
@@ -158,5 +159,6 @@ def _spawn_remote(
         f"f=$(mktemp); echo {shlex.quote(ring)} > $f; export MLX_HOSTFILE=$f; "
         f"export MLX_RANK={rank}; {exports} exec {command}"
     )
-    cmd = ["ssh", "-tt", "-o", "LogLevel=QUIET", "-o", "BatchMode=yes", ssh, script]
+    # LogLevel=ERROR: quiet, but why ssh failed (auth, host key) still reaches the log.
+    cmd = ["ssh", "-tt", "-o", "LogLevel=ERROR", "-o", "BatchMode=yes", ssh, script]
     return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)

@@ -23,6 +23,7 @@ The processes find each other the way `mlx.launch` tells them to: MLX_RANK and M
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -109,11 +110,31 @@ def share_bytes(group: Any, data: bytes | None) -> bytes:
     return bytes(np.array(mx.distributed.all_sum(buf, group=group)))
 
 
-def barrier(group: Any) -> None:
-    """Wait until every rank gets here; raises when a rank is gone."""
+def agree(group: Any, facts: str) -> None:
+    """Wait until every rank has loaded, and fail the load unless all loaded the same thing
+    alike (`facts`: fingerprint, constraint support, KV cache layout): ranks that differ would
+    take different decisions and desynchronise their collectives."""
     import mlx.core as mx
 
-    mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
+    digest = np.frombuffer(hashlib.sha256(facts.encode()).digest(), dtype=np.uint8)
+    every = np.array(mx.distributed.all_gather(mx.array(digest), group=group))
+    if not (every.reshape(group.size(), -1) == digest).all():
+        raise ValueError(
+            "the ranks did not load the same model the same way (weights, quantisation, "
+            "constraint support or KV cache layout differ between hosts); rank "
+            f"{group.rank()} has: {facts}"
+        )
+
+
+def cache_layout(model: Any) -> str:
+    """The KV cache kinds of the layers this rank runs (a pipeline stage runs some)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    caches = make_prompt_cache(model)
+    inner = getattr(model, "model", None)
+    start = getattr(inner, "start_idx", 0) or 0
+    end = getattr(inner, "end_idx", None) or len(caches)
+    return ",".join(type(c).__name__ for c in caches[start:end])
 
 
 class Seeding:
@@ -167,6 +188,8 @@ class StepChannel:
         endpoint = share_bytes(group, None).decode()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        # A fixed identity: after a dropped TCP link ZeroMQ reconnects as the same peer.
+        sock.setsockopt(zmq.IDENTITY, f"rank-{group.rank()}".encode())
         sock.connect(endpoint)
         sock.send(b"hello")
         return cls(sock, False, [])
@@ -205,7 +228,9 @@ class StepShare:
         entries: list[list[Any]] = [["stop"]] if stop else []
         for item in items:
             if isinstance(item, Request):
-                entries.append(["gen", *encode(item.source)])
+                # The tokens too: a chat template may read the clock, so a follower's own
+                # rendering could differ (a date, another time zone).
+                entries.append(["gen", item.prompt, *encode(item.source)])
             elif isinstance(item, Abort | Control):
                 entries.append(["msg", *encode(item)])
         self.channel.send(msgpack.packb(entries) if entries else b"")
@@ -214,11 +239,24 @@ class StepShare:
         """Another rank: the inputs of rank 0's next step, prepared here."""
         data = self.channel.recv()
         items: list[Any] = []
-        for kind, *frames in msgpack.unpackb(data) if data else []:
+        for kind, *rest in msgpack.unpackb(data) if data else []:
             if kind == "stop":
                 return Stop()
-            msg = decode(frames)
-            items.append(prepare(msg) if isinstance(msg, Generate) else msg)
+            if kind != "gen":
+                items.append(decode(rest))
+                continue
+            msg = decode(rest[1:])
+            assert isinstance(msg, Generate)
+            request = prepare(msg)
+            if request.prompt != rest[0]:
+                if len(request.prompt) != len(rest[0]):
+                    raise RuntimeError(
+                        f"this rank rendered request {msg.request_id} to {len(request.prompt)} "
+                        f"tokens, rank 0 to {len(rest[0])}: the hosts' templates differ"
+                    )
+                log.warning("request %s: using rank 0's prompt tokens", msg.request_id)
+                request.prompt = list(rest[0])
+            items.append(request)
         return items
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from ..constraints import GuidedError
 from ..protocol import (
     Abort,
     Accepted,
@@ -71,6 +72,10 @@ class Engine:
         self.batched_prefill = batched_prefill
         self.scheduler = scheduler or Scheduler(padded=batched_prefill)
         self.runner = ModelRunner(loaded.model)
+        # A rank of a distributed model (distributed.py): every rank must take the same
+        # decisions, so a fault that is not a property of the request (out of memory, a lost
+        # peer) takes the whole group down instead of failing requests on one rank only.
+        self.mirrored = False
         # Pipelining needs an asynchronous device. On MLX's CPU backend `async_eval` runs
         # most of a forward pass before it returns, so there the next forward pass starts
         # only after the step's tokens are post-processed and handed over.
@@ -472,6 +477,8 @@ class Engine:
         try:
             return work(), []
         except Exception as exc:
+            if self.mirrored and not isinstance(exc, RequestError | GuidedError):
+                raise  # the same on every rank only when the request itself is at fault
             log.exception("engine step failed")
             rids = list(dict.fromkeys(v.request_id for v in victims))
             for rid in rids:

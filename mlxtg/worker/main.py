@@ -76,7 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     channel = None
     if group is not None:
         distributed.share_bytes(group, msgpack.packb(encode(config)))
-        channel = distributed.StepChannel.open(group)
 
     # 2. Load the model, reporting progress (the reporter's thread owns the socket until
     # stop()); a failure is reported, not raised.
@@ -85,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
 
     reporter = LoadReporter(args.worker_id, send).start()
     try:
+        if group is not None:
+            channel = distributed.StepChannel.open(group)
         runtime = _build_runtime(config, settings, reporter, group)
     except Exception as exc:
         reporter.stop()
@@ -130,10 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     io.start()
     try:
         loop.run()
-    except RuntimeError as exc:
+    except Exception as exc:
         if share is None:
             raise
-        log.error("the group is broken (%s): exiting so the supervisor restarts it", exc)
+        log.exception("the group is broken (%s): exiting so the supervisor restarts it", exc)
         return 1
     return 0
 
@@ -146,8 +147,8 @@ def _follow(group: Any) -> int:
         channel = distributed.StepChannel.open(group)
         _, engine, preprocess = _build_runtime(config, config.engine, NO_PROGRESS, group)
         distributed.follow(engine, preprocess, distributed.StepShare(channel))
-    except RuntimeError as exc:  # rank 0 (or another rank) is gone
-        log.error("rank %d leaves the broken group: %s", group.rank(), exc)
+    except Exception as exc:  # rank 0 or another rank is gone, or this one failed
+        log.exception("rank %d leaves the group: %s", group.rank(), exc)
         return 1
     return 0
 
@@ -164,8 +165,6 @@ def _build_runtime(
     from .reasoning import reasoning_at
 
     loaded = load(ModelSpec.from_wire(config.model), progress, group)  # ends in the warm-up phase
-    if group is not None:
-        distributed.barrier(group)  # every rank loaded its shard (or this raises)
     guided = None
     try:
         from .guided import GuidedCompiler
@@ -210,6 +209,11 @@ def _build_runtime(
         scheduler=scheduler,
         batched_prefill=settings.batched_prefill,
     )
+    if group is not None:
+        engine.mirrored = True
+        # Every rank loaded its shard, and the same thing the same way (or this raises).
+        layout = distributed.cache_layout(loaded.model)
+        distributed.agree(group, f"{loaded.fingerprint} guided={guided is not None} {layout}")
     return loaded, engine, Preprocessor(loaded, guided)
 
 

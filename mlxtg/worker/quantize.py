@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import shutil
 import time
@@ -51,7 +52,8 @@ def ensure_quantized(
     if (target / "config.json").exists():
         log.info("using quantised model %s", target)
         return target
-    tmp = target.with_name(target.name + f".tmp-{int(time.time() * 1000)}")
+    # The pid too: the ranks of a distributed model on one machine convert at the same time.
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}-{int(time.time() * 1000)}")
     log.info("quantising %s to %s (group size %d) into %s ...", src, quant, group_size, target)
     started = time.monotonic()
     try:
