@@ -151,6 +151,23 @@ def demo_spec() -> ModelSpec:
     return ModelSpec(model_id_or_path=str(DEMO_MODEL_PATH), model_name=DEMO_MODEL_NAME)
 
 
+# What a model folder needs from the Hub (weights, configs, tokenizer, template, code).
+HUB_PATTERNS = [
+    "*.json",
+    "*.safetensors",
+    "*.py",
+    "tokenizer.model",
+    "*.tiktoken",
+    "*.txt",
+    "*.jinja",
+]
+
+
+def looks_like_hub_id(id_or_path: str) -> bool:
+    """`owner/name` that does not read as a local path."""
+    return not id_or_path.startswith((".", "/", "~")) and id_or_path.count("/") == 1
+
+
 def resolve_model_path(id_or_path: str, revision: str | None = None) -> Path:
     """A local folder for a local path or a Hugging Face id.
 
@@ -161,27 +178,21 @@ def resolve_model_path(id_or_path: str, revision: str | None = None) -> Path:
         if not (local / "config.json").exists():
             raise ModelNotAvailable(f"{local} has no config.json: not a model folder")
         return local.resolve()
-    if id_or_path.startswith((".", "/", "~")) or id_or_path.count("/") != 1:
+    if not looks_like_hub_id(id_or_path):
         raise ModelNotAvailable(f"model path {id_or_path!r} does not exist")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    patterns = [
-        "*.json",
-        "*.safetensors",
-        "*.py",
-        "tokenizer.model",
-        "*.tiktoken",
-        "*.txt",
-        "*.jinja",
-    ]
     try:
-        return Path(snapshot_download(id_or_path, revision=revision, allow_patterns=patterns))
+        return Path(snapshot_download(id_or_path, revision=revision, allow_patterns=HUB_PATTERNS))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
         try:
             return Path(
                 snapshot_download(
-                    id_or_path, revision=revision, allow_patterns=patterns, local_files_only=True
+                    id_or_path,
+                    revision=revision,
+                    allow_patterns=HUB_PATTERNS,
+                    local_files_only=True,
                 )
             )
         except (LocalEntryNotFoundError, OSError):

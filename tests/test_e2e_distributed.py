@@ -46,6 +46,17 @@ def client(sharded: Server):
         yield c
 
 
+def long_stream(client, prompt: str):
+    """A streamed completion on the sharded model that runs long enough to interrupt."""
+    return client.completions.create(
+        model="sharded",
+        prompt=prompt,
+        max_tokens=2000,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+
+
 def rank_pids(srv: Server) -> list[int]:
     (model,) = [m for m in srv.status()["models"] if m["name"] == "sharded"]
     worker = model.get("worker") or {}
@@ -117,13 +128,7 @@ def test_guided_tools_cancel_and_ram_cache_work_sharded(client, sharded):
     )
     assert r.choices[0].message.tool_calls[0].function.name == "get_weather"
     # Cancel: a stream closed early; the server goes on serving.
-    stream = client.completions.create(
-        model="sharded",
-        prompt="Once",
-        max_tokens=2000,
-        stream=True,
-        extra_body={"ignore_eos": True},
-    )
+    stream = long_stream(client, "Once")
     for i, _ in enumerate(stream):
         if i == 3:
             break
@@ -140,13 +145,7 @@ def test_a_rank_that_dies_or_hangs_fails_the_stream_and_the_group_respawns(clien
     client.chat.completions.create(model="sharded", messages=ASK, max_tokens=2)
     pids = rank_pids(sharded)
     assert len(pids) == 2
-    stream = client.completions.create(
-        model="sharded",
-        prompt="Once upon a time",
-        max_tokens=2000,
-        stream=True,
-        extra_body={"ignore_eos": True},
-    )
+    stream = long_stream(client, "Once upon a time")
     with pytest.raises(openai.APIError):
         for i, _ in enumerate(stream):
             if i == 5:

@@ -39,16 +39,11 @@ async def stream_chunks(
     return finished
 
 
-async def test_a_short_request_finishes_while_a_giant_one_runs(server: Server):
-    # The fixture's server runs 16 rows: 4 prompts x n=8 need two rounds of the batch.
-    giant = {
-        "model": MODEL,
-        "prompt": [f"Chapter {i}:" for i in range(4)],
-        "n": 8,
-        "max_tokens": 400,
-        "ignore_eos": True,
-    }
-    small = {"model": MODEL, "prompt": "Hello", "max_tokens": 8, "ignore_eos": True}
+async def short_during_giant(
+    server: Server, giant: dict, small: dict
+) -> tuple[list[str], httpx.Response, list[str]]:
+    """Start `giant` streaming; once it streams, send `small`. Returns the order in which
+    they finished, the short request's response and the giant's finish reasons."""
     order: list[str] = []
     async with httpx.AsyncClient(timeout=300) as http:
         chunks: list[str] = []
@@ -67,41 +62,37 @@ async def test_a_short_request_finishes_while_a_giant_one_runs(server: Server):
             order.append("giant")
 
         r, _ = await asyncio.gather(short(), giant_done())
+    return order, r, big.result()
+
+
+SMALL = {"model": MODEL, "prompt": "Hello", "max_tokens": 8, "ignore_eos": True}
+
+
+async def test_a_short_request_finishes_while_a_giant_one_runs(server: Server):
+    # The fixture's server runs 16 rows: 4 prompts x n=8 need two rounds of the batch.
+    giant = {
+        "model": MODEL,
+        "prompt": [f"Chapter {i}:" for i in range(4)],
+        "n": 8,
+        "max_tokens": 400,
+        "ignore_eos": True,
+    }
+    order, r, finished = await short_during_giant(server, giant, SMALL)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
     # Before: the short request queued behind all 32 sequences and finished last.
     assert order == ["small", "giant"]
-    assert big.result() == ["length"] * 32  # and the giant request ran to its end
+    assert finished == ["length"] * 32  # and the giant request ran to its end
 
 
 async def test_one_request_with_more_choices_than_rows_leaves_rows_to_others(server: Server):
     # One prompt x n=36 on 16 rows: its choices start in slices as rows free, and a short
     # request takes a row when the first slice ends instead of waiting for all 36.
     giant = {"model": MODEL, "prompt": "Chapter 1:", "n": 36, "max_tokens": 150}
-    small = {"model": MODEL, "prompt": "Hello", "max_tokens": 8, "ignore_eos": True}
-    order: list[str] = []
-    async with httpx.AsyncClient(timeout=300) as http:
-        chunks: list[str] = []
-        big = asyncio.ensure_future(
-            stream_chunks(http, server, giant | {"ignore_eos": True}, chunks)
-        )
-        while not chunks:
-            assert not big.done(), big.result()
-            await asyncio.sleep(0.01)
-
-        async def short() -> httpx.Response:
-            r = await http.post(f"{server.url}/v1/completions", json=small, headers=server.headers)
-            order.append("small")
-            return r
-
-        async def giant_done() -> None:
-            await big
-            order.append("giant")
-
-        r, _ = await asyncio.gather(short(), giant_done())
+    order, r, finished = await short_during_giant(server, giant | {"ignore_eos": True}, SMALL)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
     # Before: all 36 choices joined at once and the short request finished last.
     assert order == ["small", "giant"]
-    assert big.result() == ["length"] * 36
+    assert finished == ["length"] * 36
 
 
 async def test_a_multi_megabyte_prompt_is_refused_untokenised_while_a_stream_runs(server: Server):

@@ -9,7 +9,6 @@ Prometheus metrics go to files in one folder, and any gateway's /metrics adds th
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import signal
 import socket
@@ -17,19 +16,19 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from .process_group import ProcessGroup
 from .processes import spawn_gateway, stop_process
 
 EXIT_CUT = 3  # a gateway's drain had to cut requests (gateway/__main__.py)
 
 
-class GatewayGroup:
+class GatewayGroup(ProcessGroup):
     """Shaped like the one gateway's Popen where `mlxtg up` waits on it."""
 
     def __init__(self, procs: list[subprocess.Popen[bytes]], listener: socket.socket | None):
-        self.procs = procs
+        super().__init__(procs)
         self._listener = listener  # kept open for the gateways' lifetime
         self._draining = False
-        self.returncode: int | None = None
 
     @classmethod
     def start(cls, config: dict[str, Any], count: int, run_dir: Path) -> GatewayGroup:
@@ -46,21 +45,10 @@ class GatewayGroup:
         ]
         return cls(procs, listener)
 
-    @property
-    def pid(self) -> int:
-        return self.procs[0].pid
-
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.procs]
-
     def send_signal(self, sig: int) -> None:
         if sig in (signal.SIGTERM, signal.SIGINT):
             self._draining = True
-        for p in self.procs:
-            if p.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    p.send_signal(sig)
+        super().send_signal(sig)
 
     def poll(self) -> int | None:
         """While serving: the code of the first gateway that exits (an error). While

@@ -18,11 +18,11 @@ import uuid
 from dataclasses import dataclass
 
 from ..models import ModelSpec
+from .process_group import signal_process
 from .processes import (
     Spare,
     WorkerHandle,
     WorkerState,
-    signal_process,
     spawn_spare,
     spawn_worker,
 )

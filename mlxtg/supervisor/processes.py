@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -173,13 +172,6 @@ def spawn_gateway(
         start_new_session=True,
         pass_fds=pass_fds,
     )
-
-
-def signal_process(proc: subprocess.Popen[bytes], sig: int) -> None:
-    """Send `sig` unless the process has exited (and been reaped) already."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(sig)
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> int | None:

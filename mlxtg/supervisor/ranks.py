@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ..hosts import is_local
 from ..protocol.specs import DistributedLoad
+from .process_group import ProcessGroup
 
 log = logging.getLogger("mlxtg.supervisor")
 
@@ -50,21 +51,12 @@ def ring_addresses(dist: DistributedLoad) -> list[str]:
     return [f"{h.ip}:{_free_port(h.ip)}" for h in dist.hosts]
 
 
-class RankGroup:
+class RankGroup(ProcessGroup):
     """The ranks of one distributed worker, shaped like the `Popen` of a single one."""
 
     def __init__(self, procs: list[subprocess.Popen[bytes]], hostfile: Path):
-        self.procs = procs
+        super().__init__(procs)
         self.hostfile = hostfile
-        self.returncode: int | None = None
-
-    @property
-    def pid(self) -> int:
-        return self.procs[0].pid
-
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.procs]
 
     def poll(self) -> int | None:
         codes = [p.poll() for p in self.procs]
@@ -72,27 +64,15 @@ class RankGroup:
             return None
         if any(c is None for c in codes):
             # One rank is gone: the others would wait on it forever. Take them all down.
-            for p in self.procs:
-                if p.poll() is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        p.kill()
+            self.kill()
             return None  # exited once the others have been reaped (next poll)
         self.returncode = next((c for c in codes if c), codes[0])
         with contextlib.suppress(OSError):
             self.hostfile.unlink()
         return self.returncode
 
-    def send_signal(self, sig: int) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    p.send_signal(sig)
-
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
-
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
 
     def wait(self, timeout: float | None = None) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -14,29 +14,17 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ..models import resolve_model_path
+from ..models import HUB_PATTERNS, looks_like_hub_id, resolve_model_path
 from ..protocol import LoadPhase
 from .progress import ProgressSink
 
 log = logging.getLogger("mlxtg.worker")
 
-# The files resolve_model_path fetches (its list; it fetches again, finding them cached).
-ALLOW_PATTERNS = [
-    "*.json",
-    "*.safetensors",
-    "*.py",
-    "tokenizer.model",
-    "*.tiktoken",
-    "*.txt",
-    "*.jinja",
-]
-
-
 def is_hub_id(id_or_path: str) -> bool:
     """`owner/name` that is not a local path (resolve_model_path's rule)."""
     if Path(id_or_path).expanduser().exists():
         return False
-    return not id_or_path.startswith((".", "/", "~")) and id_or_path.count("/") == 1
+    return looks_like_hub_id(id_or_path)
 
 
 def fetch(id_or_path: str, revision: str | None, progress: ProgressSink) -> Path:
@@ -49,7 +37,7 @@ def fetch(id_or_path: str, revision: str | None, progress: ProgressSink) -> Path
                 snapshot_download(
                     id_or_path,
                     revision=revision,
-                    allow_patterns=ALLOW_PATTERNS,
+                    allow_patterns=HUB_PATTERNS,
                     tqdm_class=bars_to(progress),  # type: ignore[arg-type]
                 )
             )
